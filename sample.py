@@ -1,0 +1,94 @@
+"""Generate text from any tinydiff checkpoint (MDLM or AR).
+
+    python sample.py --ckpt out/ckpt.pt                          # MDLM, steps = the checkpoint's default
+    python sample.py --ckpt out/ckpt.pt --steps 64 --prompt "def " --num_samples 4
+    python sample.py --ckpt out-ar/ckpt.pt --top_p 0.95 --out samples.jsonl
+
+MDLM samples with the ancestral sampler (float64 draws, a prompt is a clamped prefix); AR with its
+static KV cache (an unconditional sample starts from the end-of-text token).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from tinydiff.common import UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint, pick_device
+from tinydiff.data import DataError, get_tokenizer
+from tinydiff.sampler import ar_sample, diffusion_sample
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py or distill.py")
+parser.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: what the checkpoint records)")
+parser.add_argument("--num_samples", type=int, default=2, help="how many samples")
+parser.add_argument("--batch_size", type=int, default=8, help="samples generated at once")
+parser.add_argument("--seq_len", type=int, default=None, help="tokens per sample, prompt included (default: model context)")
+parser.add_argument("--prompt", default="", help="text the sample starts with (clamped prefix for MDLM)")
+parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
+parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+parser.add_argument("--seed", type=int, default=0, help="same seed + same device = same samples")
+parser.add_argument("--out", default=None, help="also write the samples to this .jsonl file")
+parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network only; draws are float64)")
+args = parser.parse_args()
+
+
+def main():
+    device, _ = pick_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    tok = get_tokenizer(ckpt["tokenizer"]["name"])
+    model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
+    context = model.cfg.seq_len
+    seq_len = args.seq_len or context
+    if seq_len > context:
+        raise UserError(f"--seq_len {seq_len} is beyond the model's context {context}: use --seq_len {context} or less")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    autocast = autocast_ctx(device, dtype)
+
+    def net(*a, **k):
+        with autocast():
+            return model(*a, **k)
+    net.new_cache = model.new_cache if model.cfg.causal else None
+
+    prompt = tok.encode(args.prompt)
+    if ckpt["kind"] == "ar" and not prompt:
+        prompt = [tok.eot_id]  # unconditional: start from end-of-text, as GPT-2 samples do
+    if len(prompt) >= seq_len:
+        raise UserError(f"the prompt is {len(prompt)} tokens, not shorter than --seq_len {seq_len}: shorten it")
+    steps = args.steps or ckpt.get("sample_steps") or seq_len
+    gen = make_generator(args.seed, device)
+    texts, nfe_total, t0 = [], 0, time.time()
+    for start in range(0, args.num_samples, args.batch_size):
+        b = min(args.batch_size, args.num_samples - start)
+        p = torch.tensor(prompt, dtype=torch.long, device=device).expand(b, -1)  # (b, P)
+        if ckpt["kind"] == "ar":
+            x, nfe = ar_sample(net, b, seq_len, p, gen, args.temperature, args.top_k, args.top_p)
+            x = x[:, 1:] if not args.prompt else x  # drop the end-of-text start token
+        else:
+            init = torch.full((b, seq_len), ckpt["mask_id"], dtype=torch.long, device=device)
+            init[:, :len(prompt)] = p  # clamped prefix
+            x, nfe = diffusion_sample(net, b, seq_len, steps, ckpt["mask_id"], init=init, generator=gen, device=device,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        nfe_total += nfe
+        texts += [tok.decode(row.tolist()) for row in x]
+    seconds = time.time() - t0
+    for i, text in enumerate(texts):
+        print(f"{'=' * 30} sample {i} {'=' * 30}\n{text}")
+    if args.out:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt}) + "\n")
+        os.replace(tmp, args.out)
+    emit({"num_samples": len(texts), "steps": steps if ckpt["kind"] == "mdlm" else None, "nfe": nfe_total,
+          "seconds": seconds, "tokens_per_sec": len(texts) * seq_len / seconds, "kind": ckpt["kind"]})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, DataError) as e:
+        die(str(e))

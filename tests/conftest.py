@@ -1,0 +1,33 @@
+"""pytest setup: import tinydiff from the repository root and the harness from tests/, without an
+install; shared fixtures for the known-distribution harness (tests/harness.py, design.md §10)."""
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):  # repo root (tinydiff) and tests/ (harness)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from harness import OracleAR, OracleDenoiser, Toy  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower end-to-end or statistical test (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """V = 3 tokens, L = 4 positions: 81 sequences, 256 partial states (enumerations stay tiny)."""
+    return Toy(V=3, L=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def oracle(toy):
+    return OracleDenoiser(toy)
+
+
+@pytest.fixture(scope="session")
+def oracle_ar(toy):
+    return OracleAR(toy)

@@ -1,0 +1,277 @@
+"""tinydiff.data: tokenizers, prepare (file / folder / shakespeare / stdlib listing), batches, errors.
+CPU only, no network, everything written under pytest's tmp_path."""
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinydiff import data
+from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare, stdlib_files, val_windows
+
+TIKTOKEN_CACHE = "/work/shared/tiktoken_cache"
+TEXT = "".join(f"line {i}: héllo wörld ✓ 日本語 {'x' * (i % 7)}\n" for i in range(200))
+
+
+def ids_of(path):
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def gpt2():
+    if not os.path.isdir(TIKTOKEN_CACHE):
+        pytest.skip("no pre-seeded tiktoken cache")
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    try:
+        return get_tokenizer("gpt2")
+    except DataError as e:
+        pytest.skip(f"gpt2 tokenizer unavailable offline: {e}")
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_bytes_round_trip():
+    tok = get_tokenizer()
+    assert (tok.name, tok.vocab_size, tok.eot_id) == ("bytes", 257, 256)
+    ids = tok.encode(TEXT)
+    assert max(ids) < 256 and tok.eot_id not in ids
+    assert tok.decode(ids) == TEXT
+    assert tok.decode(torch.tensor(ids)) == TEXT  # 1-D tensors decode too
+
+
+def test_bytes_decode_specials_never_crash():
+    tok = get_tokenizer("bytes")
+    a, b = tok.encode("é"), tok.encode("x")
+    assert tok.decode(a + [tok.eot_id] + b) == "é\nx"
+    assert tok.decode(b + [257, 9999, -1] + b) == "x□□□x"  # [MASK] and garbage ids stay visible
+    assert "\ufffd" in tok.decode(a[:1] + b)  # a cut multi-byte character is replaced, not an exception
+
+
+def test_gpt2_round_trip(gpt2):
+    assert (gpt2.name, gpt2.vocab_size, gpt2.eot_id) == ("gpt2", 50257, 50256)
+    ids = gpt2.encode(TEXT + "<|endoftext|>")
+    assert gpt2.eot_id not in ids  # a literal eot string inside a document is plain text
+    assert gpt2.decode(ids) == TEXT + "<|endoftext|>"
+    assert gpt2.decode(gpt2.encode("hi") + [gpt2.eot_id, 50257]) == "hi\n□"
+
+
+def test_gpt2_errors_name_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
+    with pytest.raises(DataError, match="pip install tiktoken"):
+        get_tokenizer("gpt2")
+    monkeypatch.undo()
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
+        get_tokenizer("gpt2")
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(DataError, match="bytes, gpt2"):
+        get_tokenizer("sentencepiece")
+    with pytest.raises(DataError, match="bytes, gpt2"):
+        prepare("stdlib", "sentencepiece")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def test_prepare_file(tmp_path):
+    src = write(tmp_path / "my corpus.txt", TEXT)
+    root = tmp_path / "data"
+    d = prepare(str(src), "bytes", root=str(root))
+    assert d.parent == root and d.name.startswith("my_corpus-") and d.name.endswith("-bytes")
+    tok = get_tokenizer("bytes")
+    train, val = ids_of(d / "train.bin"), ids_of(d / "val.bin")
+    # each part is one document followed by eot; the cut is on a line boundary near 90%
+    assert train[-1] == val[-1] == tok.eot_id and (train == tok.eot_id).sum() == (val == tok.eot_id).sum() == 1
+    train_text, val_text = tok.decode(train[:-1].tolist()), tok.decode(val[:-1].tolist())
+    assert train_text + val_text == TEXT and train_text.endswith("\n")
+    assert 0.85 < len(train_text) / len(TEXT) <= 0.9
+    meta = load_meta(d)
+    assert meta["tokenizer"] == "bytes" and meta["vocab_size"] == 257 and meta["eot_id"] == 256
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val) and meta["n_documents"] == 2
+    assert meta["train_tokens"] + meta["val_tokens"] == len(tok.encode(TEXT)) + 2
+    assert meta["source"] == str(src.resolve()) and len(meta["source_hash"]) == 64
+
+    # second call: nothing is rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    assert prepare(str(src), "bytes", root=str(root)) == d
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
+
+    # the source changes: the folder is prepared again
+    write(src, TEXT + "one more line\n")
+    prepare(str(src), "bytes", root=str(root))
+    assert load_meta(d)["train_tokens"] + load_meta(d)["val_tokens"] == len(tok.encode(TEXT)) + 14 + 2
+
+
+def make_folder(tmp_path):
+    """Three text documents plus things a folder source must skip."""
+    folder = tmp_path / "corpus"
+    docs = {"a.txt": "alpha " * 50, "b.md": "# béta\n" * 30, "sub/c.py": "print('gamma')\n" * 20}
+    for name, text in docs.items():
+        write(folder / name, text)
+    (folder / "blob.txt").write_bytes(b"\x00\x01binary")   # binary with a text suffix
+    (folder / "image.png").write_bytes(b"\x89PNG not text")
+    write(folder / ".git" / "HEAD.txt", "hidden")
+    write(folder / "__pycache__" / "x.py", "cached")
+    return folder, [docs[k] for k in sorted(docs)]
+
+
+def test_prepare_folder(tmp_path):
+    folder, docs = make_folder(tmp_path)
+    tok = get_tokenizer("bytes")
+    d = prepare(str(folder), "bytes", root=str(tmp_path / "data"))
+    eot = [tok.eot_id]
+    # sorted order; fewer than 100 files -> the last one is the val document
+    want_train = tok.encode(docs[0]) + eot + tok.encode(docs[1]) + eot
+    want_val = tok.encode(docs[2]) + eot
+    assert ids_of(d / "train.bin").dtype == np.uint16
+    assert ids_of(d / "train.bin").tolist() == want_train and ids_of(d / "val.bin").tolist() == want_val
+    meta = load_meta(d)
+    assert meta["n_documents"] == 3 and (meta["n_train_documents"], meta["n_val_documents"]) == (2, 1)
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(tok.encode(t)) + 1 for t in docs)
+    stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    prepare(str(folder), "bytes", root=str(tmp_path / "data"))
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
+
+
+def test_prepare_folder_skips_its_own_data_root(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    root = folder / "data"  # --data . with the default root inside it
+    d = prepare(str(folder), "bytes", root=str(root))
+    stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    prepare(str(folder), "bytes", root=str(root))  # meta.json inside the folder must not count as a document
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
+
+
+def test_folder_with_one_file_splits_like_a_file(tmp_path):
+    write(tmp_path / "one" / "only.txt", TEXT)
+    d_dir = prepare(str(tmp_path / "one"), "bytes", root=str(tmp_path / "data"))
+    d_file = prepare(str(tmp_path / "one" / "only.txt"), "bytes", root=str(tmp_path / "data"))
+    assert d_dir != d_file
+    for split in ("train.bin", "val.bin"):
+        assert ids_of(d_dir / split).tolist() == ids_of(d_file / split).tolist()
+
+
+def test_prepare_gpt2(tmp_path, gpt2):
+    src = write(tmp_path / "t.txt", TEXT)
+    d = prepare(str(src), "gpt2", root=str(tmp_path / "data"))
+    train, val = ids_of(d / "train.bin"), ids_of(d / "val.bin")
+    assert d.name.endswith("-gpt2") and train[-1] == val[-1] == 50256  # the eot id fits in uint16
+    assert gpt2.decode(train[:-1].tolist()) + gpt2.decode(val[:-1].tolist()) == TEXT
+
+
+def test_shakespeare_offline_and_cached(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="offline.*--data"):
+        prepare("shakespeare", root=str(root))
+    assert not (root / "shakespeare-raw" / "input.txt").exists()
+    write(root / "shakespeare-raw" / "input.txt", TEXT)  # an earlier download: no network needed
+    d = prepare("shakespeare", root=str(root))
+    assert d.name == "shakespeare-bytes" and load_meta(d)["n_documents"] == 2
+
+
+def test_stdlib_files():
+    train, val = stdlib_files()
+    assert (train, val) == stdlib_files()  # deterministic
+    files = train + val
+    assert len(files) > 300 and all(f.suffix == ".py" for f in files) and not set(train) & set(val)
+    assert len(val) == len(files) // 100  # every 100th file: ~1%
+    root = Path(data.sysconfig.get_paths()["stdlib"])
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert "os.py" in rel and "json/__init__.py" in rel
+    for r in rel:
+        parts = r.split("/")
+        assert not any(p.startswith("test") or p in ("tests", "idle_test", "site-packages", "dist-packages")
+                       for p in parts), r
+    all_sorted = sorted(rel)
+    assert [all_sorted[i] for i in range(99, len(rel), 100)] == [f.relative_to(root).as_posix() for f in val]
+
+
+# ----------------------------------------------------------------------------- batches
+
+@pytest.fixture
+def prepared(tmp_path):
+    return prepare(str(write(tmp_path / "t.txt", TEXT)), "bytes", root=str(tmp_path / "data"))
+
+
+def test_get_batch(prepared):
+    x = get_batch(prepared, "train", batch_size=8, seq_len=32, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (8, 32) and x.dtype == torch.int64 and 0 <= x.min() and x.max() < 257
+    same = get_batch(prepared, "train", 8, 32, generator=torch.Generator().manual_seed(0))
+    other = get_batch(prepared, "train", 8, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x, same) and not torch.equal(x, other)
+    train = ids_of(prepared / "train.bin").tolist()
+    windows = {tuple(train[i:i + 32]) for i in range(len(train) - 31)}
+    assert all(tuple(row) in windows for row in x.tolist())  # real substrings of the corpus
+    v = get_batch(prepared, "val", 4, 16)
+    assert v.shape == (4, 16)
+
+
+def test_val_windows(prepared):
+    val = torch.from_numpy(ids_of(prepared / "val.bin").astype(np.int64))
+    w = val_windows(prepared, seq_len=16, max_tokens=64)
+    assert w.shape == (4, 16) and w.dtype == torch.int64
+    assert torch.equal(w.flatten(), val[:64]) and torch.equal(w, val_windows(prepared, 16, 64))
+    assert val_windows(prepared, 16, 10 ** 9).shape == (len(val) // 16, 16)  # capped by the split
+    assert val_windows(prepared, 16, 1).shape == (1, 16)  # at least one window
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_errors_are_actionable(tmp_path, prepared):
+    root = str(tmp_path / "data")
+    with pytest.raises(DataError, match="does not exist: give --data stdlib, shakespeare"):
+        prepare(str(tmp_path / "nope.txt"), root=root)
+    with pytest.raises(DataError, match="empty or too small"):
+        prepare(str(write(tmp_path / "empty.txt", "")), root=root)
+    (tmp_path / "void").mkdir()
+    with pytest.raises(DataError, match="no text files found"):
+        prepare(str(tmp_path / "void"), root=root)
+    n_val = len(ids_of(prepared / "val.bin"))
+    with pytest.raises(DataError, match=f"has {n_val} tokens.*--seq_len"):
+        get_batch(prepared, "val", 2, n_val)
+    with pytest.raises(DataError, match="--seq_len"):
+        val_windows(prepared, n_val + 1, 10 ** 6)
+    with pytest.raises(DataError, match="train or val"):
+        get_batch(prepared, "test", 2, 8)
+    with pytest.raises(DataError, match="prepare"):
+        load_meta(tmp_path)
+    with pytest.raises(DataError, match="prepare"):
+        get_batch(tmp_path, "train", 2, 8)
+
+
+def test_failing_prepare_keeps_existing_data(tmp_path, monkeypatch):
+    src = write(tmp_path / "t.txt", TEXT)
+    root = str(tmp_path / "data")
+    d = prepare(str(src), root=root)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    write(src, "")  # the source becomes empty: prepare refuses, the old dataset stays
+    with pytest.raises(DataError):
+        prepare(str(src), root=root)
+    write(src, TEXT + "changed\n")  # a crash while writing: still nothing replaced, no temp files left
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(data.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        prepare(str(src), root=root)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert json.loads(before["meta.json"])["train_tokens"] == load_meta(d)["train_tokens"]

@@ -1,0 +1,175 @@
+"""One transformer for both model kinds.
+
+causal=False: the bidirectional denoiser of a masked diffusion LM (MDLM). It does not take the
+time t as input: MDLM zeroes its DiT's time conditioning (design.md §4), so the network sees only
+the noised tokens z_t and the mask tells it how noisy they are.
+causal=True: the autoregressive (AR) baseline, with a static KV cache for decoding.
+
+Pre-LayerNorm blocks, rotary position embeddings, F.scaled_dot_product_attention, 4x GELU MLP,
+untied output head by default (MDLM small is untied).
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 258      # embedding rows: tokenizer vocab (+1 for [MASK] in MDLM, which is the last id)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    seq_len: int = 256         # the longest context the model supports (rotary table size)
+    causal: bool = False       # False: MDLM denoiser; True: AR model
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    rope_base: float = 10000.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def rotary_table(seq_len, head_dim, base):
+    """cos/sin tables for rotary embeddings (Su et al. 2021), shape (seq_len, head_dim/2) each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x1, x2) of the head dimension. x: (B, H, T, hd); cos/sin: (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, hd/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static, pre-allocated keys/values for causal decoding: written in place, never reallocated.
+
+    Attention always reads the whole buffer (B, H, max_len, hd) with a mask that hides positions not
+    yet written, so the decode step has one static shape (what torch.compile / CUDA graphs need).
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.causal, self.dropout = cfg.causal, cfg.dropout
+
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, H, T, hd)
+        else:
+            # write this chunk at input_pos, then attend over the whole static buffer; key j is
+            # visible to query i iff j <= input_pos[i] (causal, and hides the unwritten tail)
+            cache.k[layer].index_copy_(2, input_pos, k.to(cache.k.dtype))
+            cache.v[layer].index_copy_(2, input_pos, v.to(cache.v.dtype))
+            keys = torch.arange(cache.max_len, device=x.device)
+            mask = keys[None, :] <= input_pos[:, None]  # (T, max_len)
+            y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
+                                               attn_mask=mask)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.out = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos))
+        x = x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even"
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rotary_table(cfg.seq_len, cfg.n_embd // cfg.n_head, cfg.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith(("attn.proj.weight", "out.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx=None, input_pos=None, cache=None, embeds=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab_size) in float32.
+
+        input_pos: (T,) positions of idx when decoding with `cache` (a KVCache); None = 0..T-1.
+        embeds: (B, T, n_embd) input embeddings instead of idx (TCS's gradient estimator
+        differentiates the AR teacher's log-likelihood with respect to them).
+        """
+        x = self.tok_emb(idx) if embeds is None else embeds  # (B, T, C)
+        T = x.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.seq_len}")
+        if input_pos is None:
+            cos, sin = self.cos[:T], self.sin[:T]  # (T, hd/2)
+        else:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layer, cache, input_pos)
+        return self.head(self.ln_f(x)).float()  # (B, T, V)
+
+    def new_cache(self, batch_size, max_len=None, dtype=None):
+        """A fresh static KV cache for causal decoding of up to max_len (default seq_len) tokens."""
+        assert self.cfg.causal, "the KV cache is for causal (AR) models"
+        p = self.head.weight
+        return KVCache(self.cfg.n_layer, batch_size, self.cfg.n_head, max_len or self.cfg.seq_len,
+                       self.cfg.n_embd // self.cfg.n_head, dtype or p.dtype, p.device)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len=None, backward=True):
+        """Matmul FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): 2 per weight in the forward
+        pass (embedding lookup excluded, output head included) plus attention scores and values,
+        2 * 2 * n_layer * L * d; the backward pass costs twice the forward."""
+        c, L = self.cfg, seq_len or self.cfg.seq_len
+        weights = self.num_params(non_embedding=True) + (self.head.weight.numel() if c.tie_embeddings else 0)
+        forward = 2 * weights + 4 * c.n_layer * L * c.n_embd
+        return 3 * forward if backward else forward
