@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (os.path.dirname(HERE), HERE):  # repo root (tinydiff) and tests/ (harness)
@@ -31,3 +32,14 @@ def oracle(toy):
 @pytest.fixture(scope="session")
 def oracle_ar(toy):
     return OracleAR(toy)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module with one intra-op thread, then restore. The harness tests run thousands of
+    small tensor ops, for which a second thread only adds synchronisation; when the other core is
+    busy (2-core CI, parallel jobs) the spin-waiting makes them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

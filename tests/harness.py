@@ -96,8 +96,10 @@ class Toy:
 
         By enumeration: weights (B, N) = p(x) * [x agrees with z wherever z is not masked], then a
         weighted count of each token at each position. There are only (V+1)^L partial sequences,
-        so this is done once for all of them and later calls are a table look-up.
+        so for small toys this is done once for all of them and later calls are a table look-up.
         """
+        if (self.V + 1) ** self.L > 100_000:  # too many states to tabulate: enumerate per call
+            return torch.cat([self._posterior(zc) for zc in z.split(4096)])
         if self._table is None:
             self._table = torch.cat([self._posterior(zc) for zc in self.states().split(4096)])
         return self._table[self.state_index(z)]
@@ -205,6 +207,11 @@ class OracleAR(nn.Module):
         return post[:, torch.arange(toy.L), torch.arange(toy.L)]
 
 
+def _state_index(z, V):
+    """Row of Toy.states() (lexicographic over V+1 symbols, mask = V) of a partial sequence z (L,)."""
+    return int((z.long() * (V + 1) ** torch.arange(len(z) - 1, -1, -1)).sum())
+
+
 def _masked_probs(logits, mask_id, temperature=1.0, top_k=0, top_p=1.0):
     """Token probabilities (n, V+1) exactly as diffusion_sample draws them from logits rows (n, V+1)."""
     from tinydiff.sampler import filter_logits
@@ -250,15 +257,18 @@ def exact_sampler_law(model_probs, K, V, L, mask_id, schedule=None, eps=1e-5, in
         A *= torch.where(masked[:, i, None], from_masked, from_clean)
         nrev += (masked[:, i, None] & (target[None, :] != mask_id)).double()
     nstay = masked.sum(1, keepdim=True).double() - nrev  # (S, S): masked positions of s left masked
+    # r^nrev (1-r)^nstay only takes (L+1)^2 values: index them instead of calling pow on (S, S)
+    code = (nrev * (L + 1) + nstay).long()  # (S, S)
+    counts = torch.arange(L + 1, dtype=torch.float64)
 
-    start = 0 if init is None else int(((init.long()) * (V + 1) ** torch.arange(L - 1, -1, -1)).sum())
     P = torch.zeros(S, dtype=torch.float64)
-    P[S - 1 if init is None else start] = 1.0  # the all-mask state is the last in lexicographic order
+    P[S - 1 if init is None else _state_index(init, V)] = 1.0  # the all-mask state is the last one
     ts = torch.linspace(1.0, eps, K + 1, dtype=torch.float64)
     for k in range(K):
         a_t, a_s = schedule.alpha(ts[k]).item(), schedule.alpha(ts[k + 1]).item()
         r = (a_s - a_t) / (1 - a_t)
-        P = P @ (A * r ** nrev * (1 - r) ** nstay)  # (S,) @ (S, S) transition matrix
+        coef = (r ** counts[:, None] * (1 - r) ** counts[None, :]).flatten()  # [nrev * (L+1) + nstay]
+        P = P @ (A * coef[code])  # (S,) @ (S, S) transition matrix
 
     # final greedy pass: masked positions take the argmax of the (unfiltered) model logits
     greedy = logits.clone()

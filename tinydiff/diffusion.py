@@ -47,7 +47,7 @@ def masked_log_probs(logits, mask_id):
     """log p_theta(v | z_t) with the [MASK] logit at -inf (SUBS: never predict the mask). (B, L, V)."""
     neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), neg_inf)
-    return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)  # >= fp32
 
 
 def subs_log_probs(logits, z, mask_id):
@@ -63,7 +63,8 @@ def nelbo_terms(logits, x, z, t, schedule, mask_id):
     Summed over positions and divided by B*L it is the per-token bound (nats)."""
     logp = masked_log_probs(logits, mask_id)  # (B, L, V)
     nll = -logp.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
-    return schedule.weight(t)[:, None] * nll * (z == mask_id)
+    # where, not a product with the mask: a clean position may carry nll = inf (0 * inf = nan)
+    return torch.where(z == mask_id, schedule.weight(t)[:, None] * nll, torch.zeros_like(nll))
 
 
 def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3):

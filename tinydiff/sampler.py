@@ -18,7 +18,11 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (n, V)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p: drop a token once the tokens before it
+        # already reach it (>=, not >: with mass exactly top_p before it, it is not needed), and
+        # always keep the most likely one
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits

@@ -1,0 +1,83 @@
+"""The transformer (tinydiff/model.py): shapes, attention direction, context limit, FLOPs, tying."""
+import pytest
+import torch
+
+from tinydiff.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make(causal, tie=False, V=13, L=16, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, seq_len=L, causal=causal, tie_embeddings=tie)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shapes(causal):
+    model = make(causal)
+    for T in (1, 7, 16):
+        logits = model(torch.randint(0, 13, (3, T)))
+        assert logits.shape == (3, T, 13) and logits.dtype == torch.float32
+        assert torch.isfinite(logits).all()
+    embeds = model.tok_emb(torch.randint(0, 13, (2, 5)))  # the embeds= entry point (used by TCS)
+    assert model(embeds=embeds).shape == (2, 5, 13)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_direction(causal):
+    """Changing the token at position j changes the outputs at positions < j only for the
+    bidirectional (diffusion) model; a causal model's earlier outputs are untouched."""
+    model = make(causal)
+    x = torch.randint(0, 13, (2, 10), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[:, 6] = (y[:, 6] + 1) % 13
+    with torch.no_grad():
+        before, after = model(x), model(y)
+    earlier = (after[:, :6] - before[:, :6]).abs().max().item()
+    if causal:
+        assert earlier <= 1e-6
+    else:
+        assert earlier > 1e-4
+    assert (after[:, 6:] - before[:, 6:]).abs().max().item() > 1e-4  # later outputs see it in both
+
+
+def test_longer_than_context_raises():
+    model = make(False, L=8)
+    model(torch.zeros(1, 8, dtype=torch.long))  # exactly the context is fine
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token(tie):
+    model = make(True, tie=tie, V=101, L=16)
+    c = model.cfg
+    # the output head's matmul costs FLOPs even when its weight is the (tied) embedding
+    matmul_weights = model.num_params(non_embedding=True) + (c.vocab_size * c.n_embd if tie else 0)
+    fwd = model.estimate_flops_per_token(backward=False)
+    assert fwd == 2 * matmul_weights + 4 * c.n_layer * c.seq_len * c.n_embd  # weights + attention
+    assert model.estimate_flops_per_token() == 3 * fwd  # backward = 2 x forward
+    # Kaplan et al.: training costs ~6 FLOPs per parameter per token, plus the attention term
+    ratio = model.estimate_flops_per_token() / (6 * matmul_weights)
+    assert 1 < ratio < 1.1
+    assert model.estimate_flops_per_token(seq_len=4) < model.estimate_flops_per_token(seq_len=16)
+
+
+def test_tie_embeddings_shares_weights():
+    tied, untied = make(False, tie=True), make(False, tie=False)
+    assert tied.head.weight is tied.tok_emb.weight
+    assert untied.head.weight is not untied.tok_emb.weight
+    c = tied.cfg
+    assert untied.num_params() - tied.num_params() == c.vocab_size * c.n_embd
+    # one tensor: a gradient step on it moves both the input embedding and the output head
+    with torch.no_grad():
+        tied.tok_emb.weight[3].add_(1.0)
+    assert torch.equal(tied.head.weight[3], tied.tok_emb.weight[3])
+    tied(torch.randint(0, 13, (2, 5))).sum().backward()
+    assert tied.tok_emb.weight.grad is not None and tied.head.weight.grad is tied.tok_emb.weight.grad
+
+
+def test_config_round_trip():
+    model = make(True)
+    assert ModelConfig(**model.cfg.to_dict()) == model.cfg

@@ -1,0 +1,298 @@
+"""TCS targets and loss (tinydiff/tcs.py) against exact values on the known-distribution harness.
+
+The oracle AR teacher of a Toy gives the exact chain rule, so p(x_i = v | x_{!=i}) by enumeration
+(OracleAR.full_conditional) is the ground truth every estimator is compared with.
+"""
+import argparse
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from harness import OracleAR, Toy
+from tinydiff.common import UserError, save_checkpoint
+from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
+from tinydiff.model import ModelConfig, Transformer
+from tinydiff.tcs import (TargetCache, add_tcs_args, build_tcs, check_tokenizers, grad_suffix, grid_batch,
+                          rescore, tcs_loss, tcs_targets, tcs_terms, to_dense)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def dense(teacher, x, V, **kw):
+    """An estimator's target as probabilities (B, L, V) (all ids kept unless kw says otherwise)."""
+    ids, logp = tcs_targets(teacher, x, teacher.bos_id, **{"topk": 0, **kw})
+    return to_dense(ids, logp, V)
+
+
+# ----------------------------------------------------------------------------- estimators vs enumeration
+
+def test_exact_equals_enumeration(toy, oracle_ar):
+    x = toy.seqs  # every sequence of the toy
+    truth = oracle_ar.full_conditional(x)  # (N, L, V) by enumeration
+    est = dense(oracle_ar, x, toy.V, estimator="exact")
+    assert torch.allclose(est, truth, atol=1e-12)
+
+
+def test_exact_chunking_does_not_matter(toy, oracle_ar):
+    x = toy.seqs[::7]
+    a = dense(oracle_ar, x, toy.V, estimator="exact")
+    b = dense(oracle_ar, x, toy.V, estimator="exact", max_elems=1)  # one rescored sequence per teacher call
+    assert torch.allclose(a, b, atol=1e-14)
+
+
+def test_topk_with_all_candidates_equals_exact(toy, oracle_ar):
+    x = toy.seqs
+    exact = dense(oracle_ar, x, toy.V, estimator="exact")
+    for k in (toy.V - 1, toy.V, 100):  # top-(V-1) plus x_i already covers all V ids
+        ids, logp = tcs_targets(oracle_ar, x, oracle_ar.bos_id, "topk", topk=k, candidates="prefix")
+        assert ids.shape[-1] == toy.V
+        assert torch.allclose(to_dense(ids, logp, toy.V), exact, atol=1e-12)
+
+
+def test_topk_small_k_keeps_true_token_and_renormalises():
+    toy = Toy(V=5, L=4, seed=3)
+    ar = OracleAR(toy)
+    x = toy.seqs[::11]
+    ids, logp = tcs_targets(ar, x, ar.bos_id, "topk", topk=1, candidates="prefix")  # (B, L, 2)
+    assert ids.shape[-1] == 2 and (ids == x[..., None]).any(-1).all()
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(()).double())
+    # on its candidates it is exact pi renormalised
+    exact = ar.full_conditional(x).gather(-1, ids)  # (B, L, 2)
+    assert torch.allclose(logp.exp(), exact / exact.sum(-1, keepdim=True), atol=1e-12)
+
+
+def test_prefix_exact_at_last_position_only(toy, oracle_ar):
+    x = toy.seqs
+    truth = oracle_ar.full_conditional(x)
+    prefix = dense(oracle_ar, x, toy.V, estimator="prefix")
+    err = (prefix - truth).abs().amax(dim=(0, 2))  # (L,) worst error per position
+    assert err[-1] < 1e-12
+    assert (err[:-1] > 1e-2).all(), err  # the suffix matters everywhere else (in general)
+
+
+def test_window_rescores_only_the_window(toy, oracle_ar):
+    x = toy.seqs[::5]
+    cand = torch.arange(toy.V).expand(*x.shape, toy.V)
+    full = rescore(oracle_ar, x, cand, oracle_ar.bos_id, toy.V)
+    assert torch.allclose(rescore(oracle_ar, x, cand, oracle_ar.bos_id, toy.V, window=toy.L), full)
+    # window W: sum_{j=i}^{i+W} log p(x'_j | x'_<j), checked term by term with the oracle's chain rule
+    W = 1
+    win = rescore(oracle_ar, x, cand, oracle_ar.bos_id, toy.V, window=W)
+    for b, i, v in itertools.product(range(3), range(toy.L), range(toy.V)):
+        xs = x[b:b + 1].clone()
+        xs[0, i] = v
+        lp = oracle_ar(torch.cat([torch.tensor([[oracle_ar.bos_id]]), xs[:, :-1]], 1)).log_softmax(-1)
+        terms = lp[0, torch.arange(toy.L), xs[0]]  # (L,)
+        assert torch.isclose(win[b, i, v], terms[i:i + W + 1].sum(), atol=1e-12)
+
+
+class LinearAR(nn.Module):
+    """A causal teacher whose log-likelihood is linear in its input embeddings (to float64 precision).
+
+    h_j = sum_{k<=j} e_k (a causal running sum), logits_j = [h_j W + b, SINK] where the last output
+    id is a "sink" with a huge logit M: the log normaliser is M + O(exp(-M)), so
+    log p(v | .) = h_j W_v + b_v - M is affine in every e_k. Its suffix score S_i(v) is then exactly
+    linear in e_v and the first-order `grad` estimator must equal `exact`.
+    """
+
+    def __init__(self, V, d=6, M=60.0, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.bos_id = V  # input row V = BOS; output id V = the sink
+        self.tok_emb = nn.Embedding(V + 1, d).double()
+        with torch.no_grad():
+            self.tok_emb.weight.copy_(torch.randn(V + 1, d, generator=g, dtype=torch.float64))
+        self.W = torch.randn(d, V, generator=g, dtype=torch.float64)
+        self.b = torch.randn(V, generator=g, dtype=torch.float64)
+        self.M = M
+
+    def forward(self, idx=None, embeds=None):
+        e = self.tok_emb(idx) if embeds is None else embeds  # (B, T, d)
+        h = e.cumsum(1)  # (B, T, d)
+        real = h @ self.W + self.b  # (B, T, V)
+        return torch.cat([real, torch.full_like(real[..., :1], self.M)], -1)  # (B, T, V+1)
+
+
+def test_grad_exact_for_a_teacher_linear_in_embeddings():
+    V, L = 4, 5
+    teacher = LinearAR(V)
+    x = torch.randint(V, (6, L), generator=torch.Generator().manual_seed(0))
+    cand = torch.arange(V + 1).expand(*x.shape, V + 1)
+    # suffix score differences S_i(v) - S_i(x_i): exact rescoring minus its prefix term vs first order
+    prefix, delta = grad_suffix(teacher, x, teacher.bos_id)  # (B, L, V+1) each
+    S = rescore(teacher, x, cand, teacher.bos_id, V + 1) - prefix  # (B, L, V+1): S_i(v)
+    S_diff = S - S.gather(-1, x[..., None])
+    assert S_diff.abs().max() > 1.0  # the suffix matters
+    assert torch.allclose(delta, S_diff, atol=1e-9)
+    # and so the whole targets agree (compared in log space: the sink holds most of the mass)
+    _, lg = tcs_targets(teacher, x, teacher.bos_id, "grad", topk=0)
+    _, le = tcs_targets(teacher, x, teacher.bos_id, "exact", topk=0)
+    assert torch.allclose(lg, le, atol=1e-9)
+
+
+def test_grad_is_first_order_on_a_real_transformer():
+    """On a (nonlinear) Transformer, g_i matches a finite difference of the suffix log-likelihood
+    along e_v - e_{x_i}, and the last position (no suffix) is exactly the prefix."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=7, n_layer=1, n_head=2, n_embd=8, seq_len=6, causal=True)
+    teacher = Transformer(cfg).double().eval()
+    x = torch.randint(6, (2, 6))
+    prefix, delta = grad_suffix(teacher, x, bos_id=6)
+    assert delta[:, -1].abs().max() == 0
+    E = teacher.tok_emb.weight.detach()
+    b, i, v, h = 1, 2, 4, 1e-3  # the Transformer returns fp32 logits: a coarse step
+    inp = torch.cat([torch.full((2, 1), 6), x[:, :-1]], 1)
+
+    def suffix_ll(step):
+        e = E[inp].clone()
+        e[b, i + 1] += step * (E[v] - E[x[b, i]])
+        lp = teacher(embeds=e).log_softmax(-1).gather(-1, x[..., None]).squeeze(-1)
+        return lp[b, i + 1:].sum()
+    fd = (suffix_ll(h) - suffix_ll(-h)).double() / (2 * h)
+    assert abs(delta[b, i, v] - fd) < 1e-3 * max(1.0, abs(fd))
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_onehot_targets_give_the_mdlm_loss(toy):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=toy.V + 1, n_layer=1, n_head=2, n_embd=8, seq_len=toy.L)
+    student = Transformer(cfg)
+    x = toy.sample(64, torch.Generator().manual_seed(1))
+    ids, logp = x[..., None], torch.zeros(*x.shape, 1)  # pi = onehot(x)
+    ref, t, z = nelbo_loss(student, x, LogLinearSchedule(), toy.mask_id, torch.Generator().manual_seed(2))
+    for lam in (0.0, 0.3, 1.0):
+        loss, logs = tcs_loss(student, x, ids, logp, toy.mask_id, lam, torch.Generator().manual_seed(2))
+        assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(logs["nelbo"], ref, atol=1e-6)
+        assert torch.allclose(logs["tcs"], ref, atol=1e-6)
+    # and per position, with the same t and z
+    mixed, nelbo, tcs = tcs_terms(student(z), x, z, t, ids, logp, toy.mask_id, 0.5)
+    assert torch.allclose(tcs, nelbo_terms(student(z), x, z, t, LogLinearSchedule(), toy.mask_id), atol=1e-6)
+
+
+def test_targets_never_put_mass_on_mask(toy, oracle_ar):
+    ids, logp = tcs_targets(oracle_ar, toy.seqs, oracle_ar.bos_id, "exact", topk=0)
+    assert (ids < toy.mask_id).all()
+
+
+def test_student_trained_on_exact_targets_learns_the_posterior(toy, oracle_ar):
+    """A table student (free logits per partial state z) trained by full-batch gradient descent on the
+    exact expected TCS loss, sum_x p(x) sum_patterns q(pattern) sum_i terms, converges to the true
+    posterior marginals p(x_i | z_t) (Toy.posterior, what OracleDenoiser returns), for lam = 1 and for
+    a mix with the data term; the naive `prefix` targets converge somewhere else."""
+    L, V, m = toy.L, toy.V, toy.mask_id
+    pats = torch.tensor(list(itertools.product([False, True], repeat=L)))  # (P, L) True = masked
+    x = toy.seqs.repeat_interleave(len(pats), 0)  # (N*P, L)
+    masks = pats.repeat(toy.N, 1)  # (N*P, L)
+    z = torch.where(masks, m, x)
+    t = torch.full((len(x),), 0.5, dtype=torch.float64)  # any fixed t: the weight is a constant
+    k = masks.sum(1).double()
+    weight = toy.p.repeat_interleave(len(pats)) * 0.5 ** k * 0.5 ** (L - k)  # p(x) q(pattern | t)
+    states = toy.state_index(z)  # (N*P,) which table row
+    # the loss separates over states z: dividing each state's terms by its total weight leaves every
+    # minimiser where it is and makes the problem well conditioned (the gradient of a state's
+    # logits is then w(t) (softmax(logits) - its weighted mean target), w(t) = 2)
+    total = torch.zeros(toy.states().shape[0], dtype=torch.float64).index_add_(0, states, weight)
+    weight = weight / total[states]
+    seen = torch.unique(states)
+    z_seen = toy.states()[seen]
+    truth = toy.posterior(z_seen)  # (S', L, V)
+
+    def train(estimator, lam, steps=700):
+        ids, logp = tcs_targets(oracle_ar, x, oracle_ar.bos_id, estimator, topk=0)
+        table = torch.zeros(toy.states().shape[0], L, V + 1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.SGD([table], lr=0.9)
+        for _ in range(steps):
+            opt.zero_grad()
+            mixed, _, _ = tcs_terms(table[states], x, z, t, ids, logp, m, lam)
+            (weight[:, None] * mixed).sum().backward()
+            opt.step()
+        learned = table[seen].detach()[..., :V].softmax(-1)  # (S', L, V)
+        return (learned - truth)[z_seen == m].abs().max()
+
+    assert train("exact", 1.0) < 1e-5
+    assert train("exact", 0.5) < 1e-5
+    assert train("prefix", 1.0, steps=300) > 1e-2
+
+
+# ----------------------------------------------------------------------------- cache, grid, plumbing
+
+def test_cached_targets_equal_fresh(toy, oracle_ar):
+    compute = lambda x: tcs_targets(oracle_ar, x, oracle_ar.bos_id, "topk", topk=1, candidates="prefix")
+    cache = TargetCache(compute)
+    a, b = toy.seqs[:20], toy.seqs[10:40]  # overlapping batches
+    fresh_b = compute(b)
+    cache(a)
+    calls = oracle_ar.calls
+    got = cache(b)
+    assert cache.hits == 10 and cache.misses == 40
+    for g, f in zip(got, fresh_b):
+        assert torch.equal(g, f)
+    again = cache(b)  # all hits: no teacher call at all
+    assert oracle_ar.calls > calls and cache.hits == 40
+    calls = oracle_ar.calls
+    cache(b.flip(0))
+    assert oracle_ar.calls == calls
+    for g, f in zip(again, fresh_b):
+        assert torch.equal(g, f)
+    tiny = TargetCache(compute, max_bytes=1)  # over budget: still correct, nothing kept
+    for g, f in zip(tiny(b), fresh_b):
+        assert torch.equal(g, f)
+    assert tiny.stats()["chunks"] == 0
+
+
+def test_grid_batch_is_aligned(tmp_path):
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    x = grid_batch(tmp_path, "train", 64, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (64, 16) and (x[:, 0] % 16 == 0).all() and (x[:, 0] + 16 <= 1000).all()
+
+
+def _tiny_ar_ckpt(path, tok="bytes", vocab=257, seq_len=16):
+    cfg = ModelConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, seq_len=seq_len, causal=True)
+    save_checkpoint({"kind": "ar", "config": cfg.to_dict(), "model": Transformer(cfg).state_dict(), "ema": None,
+                     "tokenizer": {"name": tok, "vocab_size": vocab, "eot_id": vocab - 1}}, path)
+
+
+def _args(teacher, **kw):
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer", default="bytes")
+    add_tcs_args(p)
+    args = p.parse_args(["--teacher", str(teacher)])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path):
+    with pytest.raises(UserError, match="tokenizer mismatch.*gpt2.*bytes"):
+        check_tokenizers({"name": "gpt2", "vocab_size": 50257}, "bytes", 258)
+    _tiny_ar_ckpt(tmp_path / "ar.pt", tok="gpt2", vocab=50257)
+    student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
+    with pytest.raises(UserError, match="tokenizer mismatch"):
+        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", {"window": 16})
+
+
+def test_build_tcs_end_to_end(tmp_path):
+    _tiny_ar_ckpt(tmp_path / "ar.pt")
+    torch.manual_seed(0)
+    student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
+    with pytest.raises(UserError, match="longer than the teacher's context"):
+        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", {"window": 32})
+    x = torch.randint(256, (4, 16))
+    for est in ("exact", "prefix", "grad", "topk"):
+        run = {"window": 16}
+        loss_fn, hooks, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
+                                         student, "cpu", run)
+        loss, logs = loss_fn(student, x, torch.Generator().manual_seed(0))
+        loss.backward()
+        assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"} and run["get_batch"] is grid_batch
+        assert torch.isclose(loss, 0.5 * logs["nelbo"] + 0.5 * logs["tcs"])
+        assert meta["tcs"]["estimator"] == est and hooks[0](1, {})["tcs_cache"]["misses"] == 4
+    # lam = 0 is exactly train.py's MDLM loss on the same generator
+    loss_fn, _, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0), student, "cpu", {"window": 16})
+    loss, _ = loss_fn(student, x, torch.Generator().manual_seed(5))
+    ref = nelbo_loss(student, x, LogLinearSchedule(), 257, torch.Generator().manual_seed(5))[0]
+    assert torch.equal(loss, ref)

@@ -1,0 +1,97 @@
+"""SDTT: Self-Distillation Through Time (Deschenaux & Gulcehre, ICLR 2025, arXiv 2410.21035), design.md §6.
+
+A round teaches the student to do in ONE step of size 2Δ what the teacher does in TWO ancestral
+steps of size Δ = 1/K_teacher. The student starts as a copy of the teacher; at the end of a round
+the raw student becomes the teacher and K_teacher halves, so after R rounds the student samples
+with K_0 / 2^R steps. This file holds the math (targets and divergences); the rounds live in
+distill.py.
+
+Time grid. We follow the paper's Algorithm 1: teacher step i runs from t_i = max(t - iΔ, ε) to
+max(t_i - Δ, ε). The official repository instead builds its teacher times as t·s + (1 - t)·t_end,
+which looks like a typo of the above; we do not reproduce it.
+"""
+import torch
+
+from .diffusion import forward_mask, masked_log_probs, sample_times, subs_log_probs
+from .sampler import sample_tokens
+
+DIVERGENCES = ("kl_bwd", "kl_fwd", "mse", "tvd")
+
+
+@torch.no_grad()
+def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=None, eps=1e-5):
+    """The SDTT targets of paper Algorithm 1 for a noised DATA batch z_t (B, L) at times t (B,).
+
+    From the same z_t, the teacher takes n_steps ancestral steps of size delta (MDLM eq. 7, as in
+    tinydiff.sampler): step i runs from t_i = max(t - i·delta, eps) to max(t_i - delta, eps) and
+    reveals each still-masked position with probability (α_s - α_t)/(1 - α_t), with a token drawn
+    from the teacher. Every position keeps the teacher log-probs of the step that revealed it;
+    positions still masked after the n steps keep the last step's log-probs. Draws are float64 (as
+    in the sampler). The last step's draws are skipped: they cannot change any target.
+
+    teacher: callable z (B, L) -> logits (B, L, V); put it in eval mode (no dropout) beforehand.
+    It runs under whatever autocast the caller is in (the training loop's), log-probs are fp32.
+    Returns (B, L, V) float32 log-probs (SUBS: clean positions of z_t are one-hot copies).
+    """
+    z = z_t.clone()  # (B, L), revealed in place step by step
+    t = t.to(torch.float64)  # (B,)
+    target = None
+    for i in range(n_steps):
+        logits = teacher(z)  # (B, L, V) p_teacher(. | z at t_i)
+        logp = subs_log_probs(logits, z, mask_id)  # (B, L, V) fp32
+        masked = z == mask_id  # (B, L) positions this step may reveal
+        # a position masked now carries this step's log-probs; a later step overwrites it only if it
+        # is still masked then, so in the end it holds the step that revealed it (or the last step)
+        target = logp if target is None else torch.where(masked[..., None], logp, target)
+        if i == n_steps - 1:
+            break
+        t_i = (t - i * delta).clamp_min(eps)  # (B,)
+        s_i = (t_i - delta).clamp_min(eps)  # (B,)
+        a_t, a_s = schedule.alpha(t_i), schedule.alpha(s_i)
+        p_reveal = (a_s - a_t) / (1 - a_t)  # (B,) float64
+        u = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)  # (B, L)
+        rows = (masked & (u < p_reveal[:, None])).nonzero(as_tuple=True)
+        chosen = logits[rows].double()  # (n, V)
+        chosen[:, mask_id] = float("-inf")  # SUBS: never reveal a mask
+        z[rows] = sample_tokens(chosen, generator)
+    return target
+
+
+def divergence(student_logp, target_logp, masked, kind, mask_id):
+    """Mean over the masked positions of the batch of a divergence between the student's and the
+    target's distributions (design.md §6; no 1/t weight). Computed in float32 or wider.
+
+    student_logp, target_logp: (B, L, V) log-probs; masked: (B, L) bool, the positions masked in z_t.
+    kind: kl_bwd = KL(student ‖ target) (the paper's default and winner), kl_fwd = KL(target ‖ student),
+    mse = Σ_v (log p_s - log p_t)² (on log-probs), tvd = ½ Σ_v |p_s - p_t| (on probabilities).
+    The mask column (probability 0 in both) is dropped so no 0·(-inf) appears.
+    """
+    dtype = torch.promote_types(student_logp.dtype, torch.float32)
+    keep = torch.arange(student_logp.shape[-1], device=student_logp.device) != mask_id  # (V,)
+    ls = student_logp[masked][:, keep].to(dtype)  # (n, V-1)
+    lt = target_logp[masked][:, keep].to(dtype)  # (n, V-1)
+    if kind == "kl_bwd":
+        per_pos = (ls.exp() * (ls - lt)).sum(-1)  # (n,)
+    elif kind == "kl_fwd":
+        per_pos = (lt.exp() * (lt - ls)).sum(-1)
+    elif kind == "mse":
+        per_pos = (ls - lt).pow(2).sum(-1)
+    elif kind == "tvd":
+        # the real total variation, on probabilities. The official code's "TVD" is an L1 distance
+        # between LOG-probs, a different loss (the paper found it poor); we implement the real one.
+        per_pos = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"unknown SDTT divergence {kind!r}: choose one of {', '.join(DIVERGENCES)}")
+    return per_pos.sum() / max(per_pos.numel(), 1)  # mean over masked positions (0 if none)
+
+
+def sdtt_loss(student, teacher, x, teacher_steps, n_steps, mask_id, schedule, generator=None, kind="kl_bwd",
+              eps_t=1e-3):
+    """One SDTT training loss on a clean batch x (B, L): noise the data (stratified t, as MDLM
+    training), build the teacher targets with Δ = 1/teacher_steps, and score the student's one
+    forward pass on z_t against them. Returns (loss, t, z_t)."""
+    t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
+    z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
+    target = sdtt_targets(teacher, z, t, n_steps, 1.0 / teacher_steps, mask_id, schedule, generator)  # (B, L, V)
+    logp = masked_log_probs(student(z), mask_id)  # (B, L, V) fp32
+    return divergence(logp, target, z == mask_id, kind, mask_id), t, z
