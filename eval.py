@@ -1,13 +1,14 @@
-"""Evaluate a tinydiff checkpoint (MDLM or AR): val PPL, generative perplexity under an AR judge,
+r"""Evaluate a tinydiff checkpoint (MDLM or AR): val PPL, generative perplexity under an AR judge,
 unigram entropy, self-BLEU, LAMBADA (design.md §8). Prints a table; the last line is one JSON object.
 
-CPU, quick (the models train.py writes by default: byte tokenizer, stdlib corpus, seq_len 256):
+CPU (train.py's default models: byte tokenizer, stdlib corpus, seq_len 256; ~30 min for both):
     python train.py --out_dir out-shared/mdlm
     python train.py --model ar --out_dir out-shared/ar
     python eval.py --ckpt out-shared/mdlm/ckpt.pt --judge out-shared/ar/ckpt.pt --steps 8,32,128,256,1024 \
-        --num_samples 32 --lambada ../shared/data/lambada_test.jsonl --limit 500
+        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000 --lambada_draws 4
     python eval.py --ckpt out-shared/ar/ckpt.pt --judge out-shared/ar/ckpt.pt \
-        --num_samples 32 --lambada ../shared/data/lambada_test.jsonl --limit 500
+        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000
+CPU smoke test (minutes): add --steps 8,32 --num_samples 4 --val_tokens 2048 --limit 50.
 GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on the same data):
     python eval.py --ckpt out-owt/ckpt.pt --judge out-owt-ar/ckpt.pt --steps 8,16,32,64,128,256,512,1024 \
         --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada ../shared/data/lambada_test.jsonl
@@ -28,6 +29,7 @@ What every number is:
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -89,6 +91,8 @@ def main():
         raise UserError(f"--steps {args.steps!r} is not a comma-separated list of integers, e.g. 8,32,128") from None
     if kind == "mdlm" and min(steps_list) < 1:
         raise UserError("every --steps value must be at least 1")
+    if kind == "ar" and args.steps:
+        print("note: --steps is ignored for an AR model (it samples one token per step: NFE = gen_len)")
     print(f"model {args.ckpt}: {kind}, {model.num_params() / 1e6:.2f}M parameters, context {context}, "
           f"tokenizer {tok.name}, {'raw' if args.no_ema else 'EMA'} weights")
 
@@ -108,7 +112,7 @@ def main():
               f"tokenizer {judge_tok.name}" + (f" -- samples are DECODED to text and RE-ENCODED with {judge_tok.name}"
                                                f" (tokenizers differ), at most {judge.cfg.seq_len + 1} tokens each"
                                                if retok else ""))
-        if args.judge == args.ckpt:
+        if os.path.abspath(args.judge) == os.path.abspath(args.ckpt):
             print("note: the judge is the evaluated model itself: its gen PPL is circular (its own entropy rate)")
 
     # ------------------------------------------------------------------ held-out data and val PPL

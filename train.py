@@ -31,7 +31,7 @@ parser.add_argument("--n_embd", type=int, default=192, help="model width")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout (MDLM on OWT: 0.1)")
 parser.add_argument("--tie_embeddings", action="store_true", help="share input embedding and output head")
 add_run_args(parser)
-parser.set_defaults(seq_len=256)
+parser.set_defaults(seq_len=256, max_iters=500, batch_size=16, lr=2e-3, warmup=50)
 args = parser.parse_args()
 
 

@@ -3,6 +3,7 @@ CPU only, no network, everything written under pytest's tmp_path."""
 import json
 import os
 import sys
+import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -194,7 +195,7 @@ def test_stdlib_files():
     files = train + val
     assert len(files) > 300 and all(f.suffix == ".py" for f in files) and not set(train) & set(val)
     assert len(val) == len(files) // 100  # every 100th file: ~1%
-    root = Path(data.sysconfig.get_paths()["stdlib"])
+    root = Path(sysconfig.get_paths()["stdlib"])
     rel = [f.relative_to(root).as_posix() for f in files]
     assert "os.py" in rel and "json/__init__.py" in rel
     for r in rel:

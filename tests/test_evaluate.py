@@ -21,10 +21,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from harness import z_threshold
+from harness import exact_sampler_law, z_threshold
+from tinydiff.common import UserError
 from tinydiff.data import get_tokenizer
-from tinydiff.evaluate import (_lambada_inputs, heldout_windows, judge_nll, lambada, mean_entropy, read_lambada,
-                               sample_metrics, self_bleu, split_last_word, unigram_entropy, val_metrics)
+from tinydiff.evaluate import (_lambada_inputs, check_judge, heldout_windows, judge_nll, lambada, mean_entropy,
+                               read_lambada, sample_metrics, self_bleu, split_last_word, unigram_entropy, val_metrics)
+from tinydiff.sampler import diffusion_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,7 +71,7 @@ def test_gen_ppl_of_exact_samples_is_the_entropy_rate(toy, oracle_ar):
     expected = (toy.p * f).sum().item()
     assert expected == pytest.approx((toy.entropy() - torch.special.entr(toy.marginals()[0]).sum().item())
                                      / (toy.L - 1), abs=1e-12)
-    n = 20_000
+    n = 5_000
     samples = toy.sample(n, torch.Generator().manual_seed(0))  # (n, L) exact draws from the table
     m = sample_metrics(samples, NoBOSJudge(oracle_ar), batch_size=4096)
     se = math.sqrt(((toy.p * f ** 2).sum() - expected ** 2).item() / n)  # exact standard error
@@ -81,14 +83,30 @@ def test_gen_ppl_of_exact_samples_is_the_entropy_rate(toy, oracle_ar):
     h_se = math.sqrt(((toy.p * h ** 2).sum() - h_exp ** 2).item() / n)
     assert abs(m["entropy"] - h_exp) < z_threshold(ALPHA, 2) * h_se
 
-    # degenerate text: the one sequence the judge likes best, repeated. Its gen PPL is lower than
-    # that of real samples (gen PPL alone would rank it better), and its entropy gives it away.
-    best = toy.seqs[f.argmin()]
-    degenerate = best.expand(n, -1)
-    d = sample_metrics(degenerate[:500], NoBOSJudge(oracle_ar), batch_size=500)
-    assert d["gen_ppl"] < m["gen_ppl"] - 3 * se * m["gen_ppl"]
-    assert d["entropy"] < m["entropy"] - 0.1
+    # degenerate text: the single most likely sequence, repeated. Its gen PPL is lower than that of
+    # exact samples (gen PPL alone would rank it better), and its lower entropy gives it away.
+    best = toy.seqs[toy.p.argmax()]
+    d = sample_metrics(best.expand(500, -1), NoBOSJudge(oracle_ar), batch_size=500)
+    z = z_threshold(ALPHA, 2)
+    assert d["gen_nll"] == pytest.approx(f[toy.p.argmax()].item(), abs=1e-5)
+    assert d["gen_nll"] < m["gen_nll"] - z * se and d["gen_ppl"] < m["gen_ppl"]
+    assert d["entropy"] < m["entropy"] - z * h_se
     assert d["self_bleu"] == pytest.approx(1.0)
+
+
+def test_gen_ppl_of_diffusion_samples_follows_the_exact_sampler_law(toy, oracle, oracle_ar):
+    """Samples of the K-step ancestral sampler with the oracle denoiser: their gen NLL matches its
+    exact expectation under the sampler's law (exact_sampler_law), which falls towards the entropy
+    rate as K grows (at K = 1 the positions are drawn independently: a cross-entropy, higher)."""
+    f, n = scored_nll(toy), 10_000
+    laws = {K: exact_sampler_law(oracle, K, toy.V, toy.L, toy.mask_id) for K in (1, 2, 64)}
+    exact = {K: (law * f).sum().item() for K, law in laws.items()}
+    assert exact[1] > exact[2] > exact[64] > (toy.p * f).sum().item() - 1e-9
+    for K in (1, 64):
+        x, _ = diffusion_sample(oracle, n, toy.L, K, toy.mask_id, generator=torch.Generator().manual_seed(K))
+        se = math.sqrt(((laws[K] * f ** 2).sum() - exact[K] ** 2).item() / n)
+        got = judge_nll(NoBOSJudge(oracle_ar), x, batch_size=4096).mean().item()
+        assert abs(got - exact[K]) < z_threshold(ALPHA, 2) * se, (K, got, exact[K])
 
 
 # ---------------------------------------------------------------- entropy, self-BLEU
@@ -126,8 +144,9 @@ def test_self_bleu():
     hand = (3 / 4 * 2 / 3 * 1 / 2 * 0.1) ** 0.25
     assert self_bleu([torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 3, 5])]) == pytest.approx(hand)
     assert self_bleu(torch.tensor([[3, 1, 4, 1, 5]] * 3)) == pytest.approx(1.0)
-    # clipping: [1,1,1,1] against [1,2,3,4] matches one unigram, not four
-    assert self_bleu([torch.tensor([1, 1, 1, 1]), torch.tensor([1, 2, 3, 4])]) < 0.05
+    # clipping: [1,1,1,1] against [1,2,3,4] matches one unigram of four (not four), no bigram...
+    clipped = (1 / 4 * 0.1 / 3 * 0.1 / 2 * 0.1 / 1) ** 0.25  # ...and the reverse direction gives the same
+    assert self_bleu([torch.tensor([1, 1, 1, 1]), torch.tensor([1, 2, 3, 4])]) == pytest.approx(clipped)
     gen = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, 4, (int(n),), generator=gen).tolist() for n in torch.randint(6, 12, (7,), generator=gen)]
     want = sum(brute_bleu(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)) / len(samples)
@@ -296,12 +315,23 @@ def test_eval_script_end_to_end(ckpts):
 
 
 def test_eval_script_bad_judges(ckpts):
+    """A corrupt judge and a judge with another tokenizer: exit 2 and one clear line on stderr."""
     (ckpts / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
-    cases = {"corrupt.pt": "corrupt", "missing.pt": "does not exist",
-             "ar/ckpt.pt": "tokenizer", "mdlm_gpt2/ckpt.pt": "must be an AR checkpoint"}
+    cases = {"corrupt.pt": "corrupt", "ar/ckpt.pt": "uses the bytes tokenizer but the model uses gpt2"}
     for judge, words in cases.items():
-        model = "mdlm_gpt2/ckpt.pt" if judge != "mdlm_gpt2/ckpt.pt" else "ar/ckpt.pt"
-        r = run_script([os.path.join(ROOT, "eval.py"), "--ckpt", model, "--judge", judge], ckpts)
+        r = run_script([os.path.join(ROOT, "eval.py"), "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", judge], ckpts)
         assert r.returncode == 2, (judge, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0] and "judge" in lines[0], lines
+
+
+def test_check_judge():
+    bytes_tok = get_tokenizer("bytes")
+    ar = {"kind": "ar", "tokenizer": {"name": "bytes"}}
+    assert check_judge(ar, bytes_tok, retokenize=False, path="j.pt") is False
+    with pytest.raises(UserError, match="must be an AR checkpoint"):
+        check_judge({**ar, "kind": "mdlm"}, bytes_tok, False, "j.pt")
+    other = {"kind": "ar", "tokenizer": {"name": "gpt2"}}
+    with pytest.raises(UserError, match="--retokenize"):
+        check_judge(other, bytes_tok, False, "j.pt")
+    assert check_judge(other, bytes_tok, retokenize=True, path="j.pt") is True

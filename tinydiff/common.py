@@ -9,12 +9,17 @@ import copy
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 
 class UserError(Exception):
     """Bad input from the user. Scripts print its message on one line and exit with status 2."""
+
+
+class DataError(UserError):
+    """A data problem (source, tokenizer, prepared folder): the message says what is wrong and how to fix it."""
 
 
 def die(msg):
@@ -123,9 +128,45 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def temp_path(path):
+    """Where a file is written before os.replace moves it into place: beside it, hidden, per process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def commit_files(files):
+    """Write {path: bytes, or a finished temp file beside path} atomically: every file to a temp file beside it
+    first, then os.replace each, in order. Any error before the replaces leaves the folder exactly as it was;
+    temp files are always removed."""
+    tmps = {}
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, Path):  # written (and synced) by the caller
+                tmps[path] = data
+                continue
+            tmps[path] = tmp = temp_path(path)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
 def load_checkpoint(path):
-    """Load a tinydiff checkpoint on the CPU, or raise UserError saying what is wrong with it."""
+    """Load a tinydiff checkpoint on the CPU, or raise UserError saying what is wrong with it.
+    A published model's name (hf:OWNER/NAME[@REV], gpt2, gpt2-medium, ...) that is not a local file is
+    downloaded and converted by tinydiff/hub.py into the same format."""
     path = str(path)
+    from .hub import is_pretrained, load_pretrained
+    if is_pretrained(path) and not os.path.isfile(path):
+        return load_pretrained(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
     try:

@@ -1,4 +1,4 @@
-"""Tokenizers, dataset sources, prepare -> uint16 .bin files, and batches.
+"""Tokenizers, prepare (documents from tinydiff/sources.py -> uint16 .bin files), and batches.
 
 On disk (design.md §3), one folder per (source, tokenizer) under ROOT (default ./data, gitignored):
 
@@ -6,33 +6,36 @@ On disk (design.md §3), one folder per (source, tokenizer) under ROOT (default 
     ROOT/<name>-<tokenizer>/val.bin     same layout, the held-out documents
     ROOT/<name>-<tokenizer>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source, source_hash
 
-<name> is 'stdlib', 'shakespeare', or for a local path its sanitized name plus 8 hex chars of a hash
-of its absolute path (two folders both called 'notes' do not collide). prepare() writes the folder
-once; later calls hash the source again and do nothing while the hash and tokenizer still match.
+<name> is 'stdlib', 'shakespeare', 'owt', 'tinystories', or for a local path its sanitized name plus
+8 hex chars of a hash of its absolute path (two folders both called 'notes' do not collide). prepare()
+writes the folder once; later calls hash the source again (for 'owt' / 'tinystories': their recipe in
+sources.HF_SOURCES) and do nothing while the hash and tokenizer still match.
 Every file is written to a temp file beside it and moved into place with os.replace, meta.json
 last: it is the commit marker, so a crash or an error never leaves a half-written dataset that looks
 complete, and a failing prepare never touches a dataset that is already there.
 
-Sources: 'stdlib' (the running interpreter's standard library, the default offline corpus),
-'shakespeare' (tiny shakespeare, downloaded once), or a path to a text file or a folder of them.
+Sources (tinydiff/sources.py): 'stdlib' (the running interpreter's standard library, the default
+offline corpus), 'shakespeare' (tiny shakespeare, downloaded once), a path to a text file or a folder
+of them, and the Hugging Face datasets 'owt' (OpenWebText, the MDLM/SDTT corpus) and 'tinystories'
+(`pip install datasets`; downloaded once into its cache). prepare_documents() takes any documents
+(a datasets.Dataset with a "text" column, a list of dicts or of strings) for a corpus of your own.
+Tokenisation runs in a multiprocessing Pool for large corpora (OpenWebText: 8M documents, ~9B tokens)
+and streams to disk, so the text never sits in memory all at once.
 """
 import hashlib
 import json
+import multiprocessing
 import os
-import re
-import sysconfig
-import urllib.request
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import UserError
-
-
-class DataError(UserError):
-    """User-facing error: the message says what is wrong and how to fix it."""
+from .common import DataError, commit_files, temp_path
+from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
+from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -106,150 +109,9 @@ def get_tokenizer(name="bytes"):
     return TOKENIZERS[name]()
 
 
-# ----------------------------------------------------------------------------- sources -> documents
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
-                 ".js", ".ts", ".html", ".css", ".tex", ".sh", ".toml", ".yaml", ".yml", ".cfg", ".ini", ".json",
-                 ".jsonl", ".csv", ".xml"}
-VAL_EVERY = 100  # folder sources: every 100th file (in sorted order) is held out, ~1%
-
-
-def _walk(root, keep_dir, keep_file):
-    """Sorted files under root; folders rejected by keep_dir(path) are never entered (site-packages can be huge)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if keep_dir(Path(dirpath, d))]
-        found += [Path(dirpath, f) for f in filenames if keep_file(f)]
-    # sort by relative posix path: the same order on every machine and OS
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _split_files(files):
-    """(train, val): every VAL_EVERY-th file held out, at least one (the last) for small folders."""
-    val_idx = set(range(VAL_EVERY - 1, len(files), VAL_EVERY)) or {len(files) - 1}
-    return [f for i, f in enumerate(files) if i not in val_idx], [f for i, f in enumerate(files) if i in val_idx]
-
-
-def _is_stdlib_excluded(name):
-    return name in ("site-packages", "dist-packages", "__pycache__", "idle_test") or name.startswith("test")
-
-
-def stdlib_files():
-    """(train_files, val_files): the interpreter's standard-library .py files, tests and installed packages excluded.
-    Test suites are excluded because they are huge, repetitive and full of deliberately odd code."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = _walk(root, lambda d: not _is_stdlib_excluded(d.name),
-                  lambda f: f.endswith(".py") and not _is_stdlib_excluded(f))
-    # machine-generated codec tables (encodings/cp037.py, ...) are ~10% of the bytes and not code anyone writes
-    files = [f for f in files if b"gencodec.py" not in Path(f).read_bytes()[:1000]]
-    return _split_files(files)
-
-
-def _read_text(path, skip_bad=False):
-    """File -> str (UTF-8, undecodable bytes replaced). With skip_bad, None for binaries (they hold a NUL byte)
-    and unreadable files: a user's folder may hold both, and one of them should not fail the whole corpus."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        if not skip_bad:
-            raise
-        return None
-    return None if skip_bad and b"\0" in data else data.decode("utf-8", errors="replace")
-
-
-def _split_text(text, frac=0.9):
-    """(train, val) = first ~90% / last ~10% of the text, cut just after a newline near the 90% mark so no
-    line is split in two; the exact character cut when there is no newline in the last half."""
-    cut = int(len(text) * frac)
-    nl = text.rfind("\n", 0, cut)
-    if nl >= len(text) // 2:
-        cut = nl + 1
-    return text[:cut], text[cut:]
-
-
-def _download_shakespeare(root):
-    raw = Path(root) / "shakespeare-raw" / "input.txt"
-    if not raw.exists():
-        print(f"downloading tiny shakespeare from {SHAKESPEARE_URL}")
-        try:
-            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=15) as r:
-                data = r.read()
-        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
-            raise DataError(f"could not download tiny shakespeare ({e}): you seem to be offline; pass a local copy "
-                            f"as a path instead, e.g. --data /work/shared/data/tinyshakespeare.txt") from None
-        _commit({raw: data})
-    return raw
-
-
-def _documents(source, root):
-    """source -> (name, train_docs, val_docs, where): the documents as strings, where = what meta records."""
-    if source == "stdlib":
-        train, val = stdlib_files()
-        read = lambda files: [_read_text(f) for f in files]
-        return "stdlib", read(train), read(val), "stdlib:" + sysconfig.get_paths()["stdlib"]
-    if source == "shakespeare":
-        train, val = _split_text(_read_text(_download_shakespeare(root)))
-        return "shakespeare", [train], [val], SHAKESPEARE_URL
-    path = Path(source).expanduser().resolve()
-    if not path.exists():
-        raise DataError(f"data path {source} does not exist: give --data stdlib, shakespeare, "
-                        f"or an existing text file/folder")
-    # the path's own name keeps the folder readable; a hash of the full path keeps two 'notes/' apart
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem if path.is_file() else path.name).strip("_") or "data"
-    name = f"{stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-    if path.is_dir():
-        # skip hidden folders, caches, and ROOT itself (--data . must not read its own prepared data)
-        skip = Path(root).resolve()
-        files = _walk(path, lambda d: not d.name.startswith(".") and d.name != "__pycache__" and d.resolve() != skip,
-                      lambda f: Path(f).suffix.lower() in TEXT_SUFFIXES and not f.startswith("."))
-        texts = [t for t in (_read_text(f, skip_bad=True) for f in files) if t is not None]
-        if not texts:
-            raise DataError(f"no text files found under {path} (looked for {', '.join(sorted(TEXT_SUFFIXES))}): "
-                            f"point --data at a folder that holds text files, or at a single text file")
-        if len(texts) == 1:  # one file: split its text like a file source
-            train, val = _split_text(texts[0])
-            return name, [train], [val], str(path)
-        train, val = _split_files(texts)
-        return name, train, val, str(path)
-    train, val = _split_text(_read_text(path))
-    return name, [train], [val], str(path)
-
-
-def _hash_documents(train_docs, val_docs):
-    """sha256 over the documents' bytes in order; the length prefix makes document boundaries count."""
-    h = hashlib.sha256()
-    for doc in train_docs + [None] + val_docs:  # None marks where val starts: moving a file across changes it
-        b = b"" if doc is None else doc.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little") + b)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- prepare
 
 META_VERSION = 1  # bump when the layout or the split rules change, so old folders are rebuilt
-
-
-def _commit(files):
-    """Write {path: bytes} atomically: every file to a temp file beside it first, then os.replace each, in order.
-    Any error before the replaces leaves the folder exactly as it was; temp files are always removed."""
-    tmps = {}
-    try:
-        for path, data in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmps[path] = tmp
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()
 
 
 def _is_prepared(out, meta_want):
@@ -263,40 +125,145 @@ def _is_prepared(out, meta_want):
         return False
 
 
-def _tokenize(docs, tok, desc):
-    """Documents -> one uint16 array, each document followed by the eot id. Returns (ids, text tokens)."""
-    parts = []
-    for doc in tqdm(docs, desc=desc, unit="doc", disable=len(docs) < 2):
-        parts.append(np.array(tok.encode(doc) + [tok.eot_id], dtype=np.uint16))  # (len(doc ids) + 1,)
-    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-    return ids, len(ids) - len(docs)
+CHUNK_DOCS = 512  # documents per tokenisation task
+_WORKER_TOK = None  # the tokenizer of a Pool worker process
 
 
-def prepare(source="stdlib", tokenizer_name="bytes", root="data"):
-    """Make sure ROOT/<name>-<tokenizer>/ holds the tokenized source; returns that folder."""
-    tok = get_tokenizer(tokenizer_name)
-    assert tok.vocab_size <= 2 ** 16, "token ids are stored as uint16"
-    name, train_docs, val_docs, where = _documents(source, root)
-    out = Path(root) / f"{name}-{tok.name}"
-    meta = {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "source": where, "source_hash": _hash_documents(train_docs, val_docs)}
-    if _is_prepared(out, meta):
-        return out
+def _encode(tok, texts):
+    """Texts -> one uint16 array, each document followed by the eot id."""
+    ids = []
+    for text in texts:
+        ids += tok.encode(text)
+        ids.append(tok.eot_id)
+    return np.array(ids, dtype=np.uint16)  # (tokens,)
+
+
+def _init_worker(tokenizer_name):
+    global _WORKER_TOK
+    _WORKER_TOK = get_tokenizer(tokenizer_name)
+
+
+def _encode_in_worker(texts):
+    return _encode(_WORKER_TOK, texts)
+
+
+def _token_chunks(docs, tok, num_proc, desc):
+    """Yield the documents' tokens as uint16 arrays, CHUNK_DOCS documents at a time, in document order
+    (so the result does not depend on num_proc). With num_proc > 1 a Pool encodes the chunks; at most
+    2 * num_proc are in flight, which bounds memory however large the corpus."""
+    n = len(docs)
+    bounds = [(a, min(a + CHUNK_DOCS, n)) for a in range(0, n, CHUNK_DOCS)]
+    with tqdm(total=n, desc=desc, unit="doc", disable=n < 2) as bar:
+        if num_proc <= 1 or len(bounds) < 2:
+            for a, b in bounds:
+                yield _encode(tok, doc_texts(docs, a, b))
+                bar.update(b - a)
+            return
+        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.name,)) as pool:
+            pending = deque()
+            for a, b in bounds:
+                pending.append((b - a, pool.apply_async(_encode_in_worker, (doc_texts(docs, a, b),))))
+                if len(pending) >= 2 * num_proc:
+                    k, result = pending.popleft()
+                    yield result.get()
+                    bar.update(k)
+            while pending:
+                k, result = pending.popleft()
+                yield result.get()
+                bar.update(k)
+
+
+def _write_tokens(path, docs, tok, num_proc, desc):
+    """Stream the documents' tokens to `path` (uint16, each document followed by eot); returns the token count."""
+    n = 0
+    with open(path, "wb") as f:
+        for ids in _token_chunks(docs, tok, num_proc, desc):
+            f.write(ids.tobytes())
+            n += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def _source_hash(train_docs, val_docs):
+    """Identifies the documents: datasets' own fingerprints when both have one, else a hash of the text."""
+    if hasattr(train_docs, "_fingerprint") and hasattr(val_docs, "_fingerprint"):
+        return hashlib.sha256(f"{train_docs._fingerprint}/{val_docs._fingerprint}".encode()).hexdigest()
+    return hash_documents(doc_texts(train_docs, 0, len(train_docs)), doc_texts(val_docs, 0, len(val_docs)))
+
+
+def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
+    """Tokenize both splits into temp files beside out/, then commit them with meta.json last."""
     if (out / "meta.json").exists():
         print(f"{out}: the source or tokenizer changed since it was prepared, preparing it again")
-
-    train, n_train_text = _tokenize(train_docs, tok, f"tokenizing {name} train ({tok.name})")
-    val, n_val_text = _tokenize(val_docs, tok, f"tokenizing {name} val ({tok.name})")
-    if n_train_text == 0 or n_val_text == 0:
-        raise DataError(f"data source {source} is empty or too small: it gives {n_train_text} train and "
-                        f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
-
-    meta.update(train_tokens=len(train), val_tokens=len(val), n_documents=len(train_docs) + len(val_docs),
-                n_train_documents=len(train_docs), n_val_documents=len(val_docs))
-    _commit({out / "train.bin": train.tobytes(), out / "val.bin": val.tobytes(),
-             out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: the commit marker
-    print(f"prepared {out}: {len(train):,} train / {len(val):,} val tokens from {meta['n_documents']} documents")
+    if num_proc is None:  # a Pool pays off only for many documents
+        num_proc = min(os.cpu_count() or 1, 32) if len(train_docs) >= 8 * CHUNK_DOCS else 1
+    out.mkdir(parents=True, exist_ok=True)
+    bins = {split: out / f"{split}.bin" for split in ("train", "val")}
+    tmps = {split: temp_path(path) for split, path in bins.items()}
+    try:
+        n_train = _write_tokens(tmps["train"], train_docs, tok, num_proc, f"tokenizing {out.name} train")
+        n_val = _write_tokens(tmps["val"], val_docs, tok, num_proc, f"tokenizing {out.name} val")
+        n_train_text, n_val_text = n_train - len(train_docs), n_val - len(val_docs)
+        if n_train_text == 0 or n_val_text == 0:
+            raise DataError(f"data source {source} is empty or too small: it gives {n_train_text} train and "
+                            f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
+        meta.update(train_tokens=n_train, val_tokens=n_val, n_documents=len(train_docs) + len(val_docs),
+                    n_train_documents=len(train_docs), n_val_documents=len(val_docs))
+        commit_files({bins["train"]: tmps["train"], bins["val"]: tmps["val"],
+                      out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: the commit marker
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
+        if not any(out.iterdir()):
+            out.rmdir()  # a failed first prepare leaves no empty folder behind
+    print(f"prepared {out}: {n_train:,} train / {n_val:,} val tokens from {meta['n_documents']:,} documents")
     return out
+
+
+def _meta(tok, where, source_hash):
+    return {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "source": where, "source_hash": source_hash}
+
+
+def _get_tokenizer(tokenizer_name):
+    tok = get_tokenizer(tokenizer_name)
+    assert tok.vocab_size <= 2 ** 16, "token ids are stored as uint16"
+    return tok
+
+
+def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None):
+    """Tokenize documents of your own into ROOT/<name>-<tokenizer>/ (unless already there); returns that folder.
+    train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of strings."""
+    tok = _get_tokenizer(tokenizer_name)
+    out = Path(root) / f"{name}-{tok.name}"
+    meta = _meta(tok, where or name, _source_hash(train_docs, val_docs))
+    if _is_prepared(out, meta):
+        return out
+    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, name)
+
+
+def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None):
+    """Make sure ROOT/<name>-<tokenizer>/ holds the tokenized source; returns that folder.
+    num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1)."""
+    tok = _get_tokenizer(tokenizer_name)
+    if source in HF_SOURCES:
+        # identified by the recipe (repository, splits), so a prepared folder is reused without loading
+        # the dataset (OpenWebText's ~40 GB) again
+        spec = HF_SOURCES[source]
+        out = Path(root) / f"{source}-{tok.name}"
+        meta = _meta(tok, f"hf:{spec['path']}", hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
+        if _is_prepared(out, meta):
+            return out
+        train_docs, val_docs = hf_documents(source)
+        return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+    name, train_docs, val_docs, where = local_documents(source, root)
+    out = Path(root) / f"{name}-{tok.name}"
+    meta = _meta(tok, where, hash_documents(train_docs, val_docs))
+    if _is_prepared(out, meta):
+        return out
+    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
 
 
 def load_meta(data_dir):

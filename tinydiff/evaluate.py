@@ -168,9 +168,9 @@ def self_bleu(samples, max_n=4, smooth=0.1):
                 c1, owner, c2 = top[g]
                 matched += min(k, c2 if owner == j else c1)  # clip by the max count in the other samples
             log_prec[j].append(math.log(matched / total if matched else smooth / total))
-    scores = []
+    lengths, scores = Counter(len(s) for s in seqs), []
     for j, s in enumerate(seqs):
-        others = [len(r) for i, r in enumerate(seqs) if i != j]
+        others = [n for n, k in lengths.items() if k - (n == len(s)) > 0]  # lengths of the other samples
         r = min(others, key=lambda x: (abs(x - len(s)), x))  # closest reference length
         bp = 1.0 if len(s) > r else math.exp(1 - r / max(len(s), 1))
         scores.append(bp * math.exp(sum(log_prec[j]) / len(log_prec[j])) if log_prec[j] else 0.0)
@@ -183,7 +183,8 @@ def sample_metrics(samples, judge=None, judge_tokens=None, batch_size=32):
     out = {"entropy": mean_entropy(samples), "self_bleu": self_bleu(samples)}
     if judge is not None:
         per_sample = judge_nll(judge, samples if judge_tokens is None else judge_tokens, batch_size)  # (n,)
-        nll = per_sample[~per_sample.isnan()].mean().item()
+        per_sample = per_sample[~per_sample.isnan()]  # a re-encoded sample may be too short to score
+        nll = per_sample.mean().item()
         out.update(gen_nll=nll, gen_ppl=math.exp(min(nll, 700.0)),
                    gen_nll_se=(per_sample.std() / math.sqrt(len(per_sample))).item() if len(per_sample) > 1 else None)
     return out

@@ -81,9 +81,11 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     loss_fn(fwd, x, gen) -> (loss, logs): fwd is the (maybe compiled) model; logs a dict of scalar tensors.
     evaluate(model) -> dict of floats (called on the EMA model if any, else the raw one).
     run: {"device", "autocast", "compile", "data_dir", "window"} (window = tokens per batch row).
-    ckpt_meta: what makes the checkpoint self-describing (config, kind, tokenizer, mask_id, args, ...).
-    resume: a loaded checkpoint to continue from. hooks: callables h(it, state) run after each step;
-    a hook may return a dict merged into every later checkpoint (e.g. SDTT's round and teacher).
+    ckpt_meta: what makes the checkpoint self-describing (config, kind, tokenizer, mask_id, args, ...);
+    it is read at every save, so a hook may update it (SDTT records the current sample_steps).
+    resume: a loaded checkpoint to continue from. hooks: callables h(it, state) run after each step
+    (state: model, ema, opt, checkpoint(path=None, **override)); a hook may return a dict merged into
+    every later checkpoint's "extra" (e.g. SDTT's round and teacher weights).
     Returns the summary dict for the JSON last line.
     """
     device = run["device"]
@@ -102,10 +104,12 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         it, history, extra = resume["iter"], resume.get("history", []), resume.get("extra", {})
         print(f"resumed from iter {it}")
 
-    def checkpoint():
+    def checkpoint(path=None, **override):
+        """Write the full state to OUT_DIR/ckpt.pt, or to `path` with some top-level keys overridden
+        (SDTT's per-round files: their own sample_steps, no optimizer)."""
         save_checkpoint({**ckpt_meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
                          "optimizer": opt.state_dict(), "iter": it, "rng": rng_state(gens), "history": history,
-                         "extra": extra}, f"{args.out_dir}/ckpt.pt")
+                         "extra": extra, **override}, path or f"{args.out_dir}/ckpt.pt")
 
     def do_eval():
         t0 = time.time()

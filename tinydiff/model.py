@@ -6,7 +6,10 @@ the noised tokens z_t and the mask tells it how noisy they are.
 causal=True: the autoregressive (AR) baseline, with a static KV cache for decoding.
 
 Pre-LayerNorm blocks, rotary position embeddings, F.scaled_dot_product_attention, 4x GELU MLP,
-untied output head by default (MDLM small is untied).
+untied output head by default (MDLM small is untied). Three options exist only so that published
+weights load exactly (tinydiff/hub.py); their defaults change nothing: pos_emb="learned" (GPT-2's
+absolute position table instead of rotary), gelu_approx="tanh" (GPT-2's gelu_new and MDLM's DiT MLP)
+and head_bias (MDLM's DiT output layer has a bias).
 """
 import math
 from dataclasses import dataclass, asdict
@@ -27,6 +30,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     rope_base: float = 10000.0
+    pos_emb: str = "rope"      # "rope" (rotary) or "learned" (GPT-2: absolute table added to the embeddings)
+    gelu_approx: str = "none"  # F.gelu's approximate=: "none" (erf) or "tanh" (GPT-2's gelu_new, MDLM's DiT)
+    head_bias: bool = False    # bias on the output head (MDLM's DiT final linear has one)
 
     def to_dict(self):
         return asdict(self)
@@ -58,7 +64,14 @@ class KVCache(nn.Module):
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # key positions 0..max_len-1, made once: the decode step builds its mask from them without allocating
+        self.register_buffer("positions", torch.arange(max_len, device=device), persistent=False)
         self.max_len = max_len
+
+    def mask(self, input_pos):
+        """(T, max_len) bool: key j is visible to the query at input_pos[i] iff j <= input_pos[i]
+        (causal, and it hides the unwritten tail and any stale entries of an earlier sequence)."""
+        return self.positions[None, :] <= input_pos[:, None]
 
 
 class Attention(nn.Module):
@@ -69,20 +82,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.causal, self.dropout = cfg.causal, cfg.dropout
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None):
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # None: learned absolute positions, already added to the input
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, H, T, hd)
         else:
-            # write this chunk at input_pos, then attend over the whole static buffer; key j is
-            # visible to query i iff j <= input_pos[i] (causal, and hides the unwritten tail)
+            # write this chunk at input_pos, then attend over the whole static buffer through the
+            # mask (Transformer.forward builds it once for all layers; see KVCache.mask). Keep the
+            # cache in the compute dtype (new_cache(dtype=...)): else .to() copies all of it each step
             cache.k[layer].index_copy_(2, input_pos, k.to(cache.k.dtype))
             cache.v[layer].index_copy_(2, input_pos, v.to(cache.v.dtype))
-            keys = torch.arange(cache.max_len, device=x.device)
-            mask = keys[None, :] <= input_pos[:, None]  # (T, max_len)
+            mask = cache.mask(input_pos) if attn_mask is None else attn_mask  # (T, max_len)
             y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
                                                attn_mask=mask)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -96,10 +110,11 @@ class Block(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.out = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
+        self.gelu_approx = cfg.gelu_approx
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None):
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos))
-        x = x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)))))
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, attn_mask=None):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos, attn_mask))
+        x = x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)), approximate=self.gelu_approx)))
         return x
 
 
@@ -107,12 +122,15 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even"
+        assert cfg.pos_emb in ("rope", "learned") and cfg.gelu_approx in ("none", "tanh"), "unknown pos_emb/gelu_approx"
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         cos, sin = rotary_table(cfg.seq_len, cfg.n_embd // cfg.n_head, cfg.rope_base)
@@ -143,13 +161,17 @@ class Transformer(nn.Module):
         T = x.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.seq_len}")
-        if input_pos is None:
+        if self.cfg.pos_emb == "learned":
+            x = x + self.pos_emb(torch.arange(T, device=x.device) if input_pos is None else input_pos)  # (B, T, C)
+            cos = sin = None
+        elif input_pos is None:
             cos, sin = self.cos[:T], self.sin[:T]  # (T, hd/2)
         else:
             cos, sin = self.cos[input_pos], self.sin[input_pos]
         x = self.drop(x)
+        mask = cache.mask(input_pos) if cache is not None else None  # (T, max_len), shared by all layers
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layer, cache, input_pos)
+            x = block(x, cos, sin, layer, cache, input_pos, mask)
         return self.head(self.ln_f(x)).float()  # (B, T, V)
 
     def new_cache(self, batch_size, max_len=None, dtype=None):
@@ -162,7 +184,7 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.cfg.pos_emb == "learned" else 0)
         return n
 
     def estimate_flops_per_token(self, seq_len=None, backward=True):

@@ -11,7 +11,9 @@ from .diffusion import LogLinearSchedule
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
     """Temperature, top-k and nucleus (top-p) filtering of logits (n, V), in float64."""
-    logits = logits.double() / max(temperature, 1e-8)  # (n, V)
+    logits = logits.double()  # (n, V); may alias the input, so only out-of-place ops on it below
+    if temperature != 1.0:  # x / 1 == x exactly: skip a full pass over (n, V) in the common case
+        logits = logits / max(temperature, 1e-8)
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -34,9 +36,9 @@ def sample_tokens(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits, temperature, top_k, top_p)  # (n, V) float64
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: never chosen
-    return (logits + gumbel).argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)  # (n, V)
+    gumbel = u.log_().neg_().log_().neg_()  # -log(-log u) in place (same values, no new (n, V) buffers); u = 0 -> -inf
+    return gumbel.add_(logits).argmax(-1)
 
 
 @torch.no_grad()
@@ -59,10 +61,12 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
     else:
         x = init.to(device=device, dtype=torch.long).clone()  # (B, L)
     ts = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
+    # every step's reveal probability up front, as Python floats: the loop then costs no tensor op or
+    # host sync for them (alpha is elementwise, so the values are the ones step-by-step calls give)
+    alphas = schedule.alpha(ts).tolist()
+    p_reveals = [(a_s - a_t) / (1 - a_t) for a_t, a_s in zip(alphas[:-1], alphas[1:])]
     nfe, logits = 0, None
-    for k in range(steps):
-        a_t, a_s = schedule.alpha(ts[k]).item(), schedule.alpha(ts[k + 1]).item()
-        p_reveal = (a_s - a_t) / (1 - a_t)
+    for p_reveal in p_reveals:
         if not cache:
             logits = model(x)  # uncached: one network call per step, whatever happens
             nfe += 1
@@ -91,22 +95,27 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
 
 @torch.no_grad()
 def ar_sample(model, batch_size, seq_len, prompt, generator=None, temperature=1.0, top_k=0, top_p=1.0,
-              use_cache=True, decode=None):
+              use_cache=True, decode=None, cache=None):
     """Autoregressive sampling: prefill the prompt (B, P) in one pass, then one token per step.
 
     use_cache: decode with the model's static KV cache (one token through the network per step);
     otherwise re-run the whole prefix each step (the baseline that shows what the cache buys).
     decode: optional (compiled) function with the model's forward signature used for the one-token
-    steps. Returns (tokens (B, seq_len) including the prompt, nfe).
+    steps. cache: a KVCache from model.new_cache(batch_size, >= seq_len) to decode into; default a
+    fresh one. Passing one lets a caller reuse it across calls and choose its dtype (bf16 under
+    autocast), and lets a compiled decode step own it (bench.py). Old entries need no clearing: the
+    mask hides every position not yet written by this call.
+    Returns (tokens (B, seq_len) including the prompt, nfe).
     """
     device = prompt.device
     P = prompt.shape[1]
     x = torch.empty((batch_size, seq_len), dtype=torch.long, device=device)
     x[:, :P] = prompt
+    positions = torch.arange(seq_len, device=device)  # input_pos of each step is a view of it: no per-step copy
     if use_cache:
-        cache = model.new_cache(batch_size, seq_len)
+        cache = cache if cache is not None else model.new_cache(batch_size, seq_len)
         decode = decode or model
-        logits = model(x[:, :P], input_pos=torch.arange(P, device=device), cache=cache)[:, -1]  # (B, V)
+        logits = model(x[:, :P], input_pos=positions[:P], cache=cache)[:, -1]  # (B, V)
     else:
         logits = model(x[:, :P])[:, -1]
     nfe = 1
@@ -115,8 +124,7 @@ def ar_sample(model, batch_size, seq_len, prompt, generator=None, temperature=1.
         if pos + 1 == seq_len:
             break
         if use_cache:
-            input_pos = torch.tensor([pos], device=device)
-            logits = decode(x[:, pos:pos + 1], input_pos=input_pos, cache=cache)[:, -1]  # (B, V)
+            logits = decode(x[:, pos:pos + 1], input_pos=positions[pos:pos + 1], cache=cache)[:, -1]  # (B, V)
         else:
             logits = model(x[:, :pos + 1])[:, -1]
         nfe += 1

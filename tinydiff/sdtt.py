@@ -31,14 +31,15 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
 
     teacher: callable z (B, L) -> logits (B, L, V); put it in eval mode (no dropout) beforehand.
     It runs under whatever autocast the caller is in (the training loop's), log-probs are fp32.
-    Returns (B, L, V) float32 log-probs (SUBS: clean positions of z_t are one-hot copies).
+    Returns (B, L, V) log-probs, float32 (float64 for a float64 teacher); clean positions of z_t
+    hold SUBS copies (0 on their token, -inf elsewhere).
     """
     z = z_t.clone()  # (B, L), revealed in place step by step
     t = t.to(torch.float64)  # (B,)
     target = None
     for i in range(n_steps):
         logits = teacher(z)  # (B, L, V) p_teacher(. | z at t_i)
-        logp = subs_log_probs(logits, z, mask_id)  # (B, L, V) fp32
+        logp = subs_log_probs(logits, z, mask_id)  # (B, L, V) fp32 or wider
         masked = z == mask_id  # (B, L) positions this step may reveal
         # a position masked now carries this step's log-probs; a later step overwrites it only if it
         # is still masked then, so in the end it holds the step that revealed it (or the last step)

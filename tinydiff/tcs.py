@@ -45,6 +45,7 @@ import torch
 from .common import UserError, load_checkpoint, model_from_checkpoint
 from .data import _open_split, DataError
 from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
+from .model import Transformer
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
 
@@ -69,17 +70,27 @@ def token_log_probs(logits, seq):
     return logits.gather(-1, seq[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (n, T)
 
 
-def rescore(teacher, x, cand, bos_id, vocab_size, window=None, max_elems=2 ** 24):
+def rescore(teacher, x, cand, bos_id, vocab_size, window=None, max_elems=2 ** 24, use_cache=None):
     """Exact substitution scores: out[b, i, k] = sum_{j=i}^{i+W} log p_AR(x'_j | x'_<j) where x' is
     x[b] with x_i := cand[b, i, k]. The j = i term is the prefix term log p_AR(v | x_<i), so
     log_softmax over k of the result is pi_i restricted to the candidates (window=None: whole suffix).
-
-    x (B, L), cand (B, L, K) -> (B, L, K). The B*L*K rescored sequences are processed in chunks of
-    about max_elems teacher logits, sorted by position so that with a window each chunk is cut at
-    the last token it needs (a causal teacher ignores what comes after). Never builds B*L*V*L.
+    x (B, L), cand (B, L, K) -> (B, L, K); about max_elems teacher logits (and cached keys/values) at
+    a time, never B*L*V*L. A tinydiff Transformer teacher takes the KV-cache path (use_cache=None:
+    automatic), any other causal model `teacher(idx) -> logits` the generic one.
     """
+    W = x.shape[1] if window is None else window
+    if use_cache is None:
+        use_cache = isinstance(teacher, Transformer) and teacher.cfg.causal
+    if use_cache:
+        return _rescore_cached(teacher, x, cand, bos_id, W, max_elems)
+    return _rescore_full(teacher, x, cand, bos_id, vocab_size, W, max_elems)
+
+
+def _rescore_full(teacher, x, cand, bos_id, vocab_size, W, max_elems):
+    """Generic rescoring: every substituted sequence is run through the teacher from its start. The
+    B*L*K jobs are sorted by position so that with a window each chunk is cut after the last token it
+    needs (a causal teacher ignores what comes after)."""
     B, L, K = cand.shape
-    W = L if window is None else window
     dev = x.device
     pos = torch.arange(L, device=dev).repeat_interleave(B * K)  # (N,) position i of each job, sorted
     row = torch.arange(B, device=dev).repeat_interleave(K).repeat(L)  # (N,) which window
@@ -99,6 +110,40 @@ def rescore(teacher, x, cand, bos_id, vocab_size, window=None, max_elems=2 ** 24
         out.append((lp * keep).sum(1))  # (n,)
         s = e
     return torch.cat(out).view(L, B, K).transpose(0, 1)  # (B, L, K)
+
+
+def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
+    """rescore() for a tinydiff Transformer: the clean sequence's keys/values are computed once (a KV
+    cache); substitution (i, v) then reuses the cached prefix x_<i and runs only its own W tokens
+    (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch."""
+    B, L, K = cand.shape
+    dev, cfg = x.device, teacher.cfg
+    clean = teacher.new_cache(B, L)
+    logits = teacher(ar_inputs(x, bos_id), input_pos=torch.arange(L, device=dev), cache=clean)  # (B, L, V)
+    V = logits.shape[-1]
+    out = _log_softmax(logits).gather(-1, cand)  # (B, L, K): the j = i term, log p(v | x_<i)
+    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,) window of each rescored row
+    for i in range(L - 1):
+        w = min(W, L - 1 - i)  # suffix terms j = i+1 .. i+w
+        if w <= 0:
+            break
+        # teacher input position p holds x_{p-1}: positions 0..i (BOS, x_<i) come from the clean cache,
+        # positions i+1..i+w are fed (v, x_{i+1}, ..., x_{i+w-1}) and predict x_{i+1} .. x_{i+w}
+        feed = x[rows, i:i + w].clone()  # (B*K, w)
+        feed[:, 0] = cand[:, i].reshape(-1)
+        target = x[rows, i + 1:i + w + 1]  # (B*K, w)
+        pos = torch.arange(i + 1, i + w + 1, device=dev)  # (w,)
+        step = max(1, max_elems // (w * V + 2 * cfg.n_layer * cfg.n_embd * (i + w + 1)))  # rows per call
+        scores = []
+        for s in range(0, B * K, step):
+            r = rows[s:s + step]
+            cache = teacher.new_cache(len(r), i + w + 1)
+            cache.k[:, :, :, :i + 1] = clean.k[:, r, :, :i + 1]  # (n_layer, n, H, i+1, hd)
+            cache.v[:, :, :, :i + 1] = clean.v[:, r, :, :i + 1]
+            lp = token_log_probs(teacher(feed[s:s + step], input_pos=pos, cache=cache), target[s:s + step])  # (n, w)
+            scores.append(lp.sum(1))  # (n,)
+        out[:, i] += torch.cat(scores).view(B, K)
+    return out
 
 
 def grad_suffix(teacher, x, bos_id):
