@@ -4,8 +4,9 @@ prediction for the paper's setting, and quality against latency (design.md §5, 
 Every setting is in the header (machine, device, dtype, compile, torch). Timings exclude warm-up
 (compilation happens there), synchronise the device around every timed run and report the median
 and min-max over --runs runs. The AR baseline is as fast as we can make it: a static KV cache reused
-across calls, the prompt prefilled in one pass, the decode step compiled when compile is on (CUDA
-graphs on CUDA); the "ar_nocache" row re-runs the whole prefix per token, to show what the cache buys.
+across calls, the prompt prefilled in one pass; eager, attention reads only the keys written so far;
+compiled (when compile is on), one static shape over the whole cache, with CUDA graphs on CUDA. The
+"ar_nocache" row re-runs the whole prefix per token, to show what the cache buys.
 
 CPU, the README latency table (tiny = train.py's 6L/192d default, random weights):
     python bench.py --size tiny --seq_len 256 --batch_sizes 1,8,32 --steps 8,16,32,64,128,256 \
@@ -35,7 +36,8 @@ from tinydiff.loop import make_optimizer
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampler import ar_sample, diffusion_sample
 from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
-                             matmul_flops, measure, plot_quality, print_table, roofline)
+                             matmul_flops, measure, plot_quality, print_table, roofline,
+                             weight_params)
 
 ints = lambda s: [int(v) for v in s.split(",") if v]
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +103,8 @@ def gen(seed_offset=0):
 def compiled_decode(model, cache, compiled):
     """(decode for ar_sample, how): eager, or compiled with CUDA graphs on CUDA (plain compile elsewhere)."""
     mode = ("reduce-overhead" if device == "cuda" else "default") if compiled else None
-    return make_decode(model, cache, mode), "eager" if mode is None else f"compiled ({mode})"
+    how = "eager" if mode is None else f"compiled ({mode})"
+    return make_decode(model, cache, mode), how + (", prefix keys" if cache.prefix_only else ", static keys")
 
 
 def latency(L):
@@ -123,8 +126,9 @@ def latency(L):
                              "steps": K, "nfe": nfe, **stats,
                              "overhead": stats["ms_median"] / nfe / forward_ms[(B, compiled)]})
         prompt = torch.full((B, 1), bos, dtype=torch.long, device=device)  # (B, 1): one start token, L - 1 generated
-        cache = ar.new_cache(B, L, dtype=wdtype)  # one static cache per batch size, reused by every call
         for compiled in modes:
+            # one cache per batch size, reused by every call; eager attends over the written prefix only
+            cache = ar.new_cache(B, L, dtype=wdtype, prefix_only=not compiled)
             (decode, how), skips = compiled_decode(ar, cache, compiled), cudagraph_skips()
             run = lambda: ar_sample(ar, B, L, prompt, gen(), decode=decode, cache=cache)
             try:
@@ -133,7 +137,7 @@ def latency(L):
                 if "reduce-overhead" not in how:
                     raise
                 print(f"note: the decode step with CUDA graphs failed ({type(e).__name__}: {e}); plain compile")
-                decode, how = make_decode(ar, cache, "default"), "compiled (default)"
+                decode, how = make_decode(ar, cache, "default"), "compiled (default), static keys"
                 stats, (_, nfe) = measure(run, device, args.runs, warmup=2)
             if cudagraph_skips() > skips:
                 how += ", CUDA graphs skipped (see inductor's warning)"
@@ -195,11 +199,7 @@ def roofline_rows(L, lat_rows):
     out = []
     for label, size, seq, B, K, hw in settings:
         s = SIZES[size]
-        with torch.device("meta"):  # shapes only: no memory even for 1.3B
-            m = Transformer(ModelConfig(vocab_size=s["vocab"] + 1, n_layer=s["n_layer"], n_head=s["n_head"],
-                                        n_embd=s["n_embd"], seq_len=seq))
-        # the weights a forward pass multiplies by, from the model's own FLOP count (minus attention)
-        weights = (m.estimate_flops_per_token(seq, backward=False) - 4 * s["n_layer"] * seq * s["n_embd"]) // 2
+        weights = weight_params(s["n_layer"], s["n_embd"], s["vocab"] + 1)  # the MDLM's vocab: tokenizer + [MASK]
         pred = roofline(weights, s["n_layer"], s["n_embd"], seq, B, K, hw["peak_flops"], hw["mem_bw"])
         here = gpu and gpu["name"] == hw["name"] and args.size == size and L == seq and not args.ckpt
         measured = [r["speedup_vs_ar"] for r in lat_rows if here and r["sampler"] == "diffusion"
@@ -227,7 +227,7 @@ def quality():
         if not retok and L - 1 > judge.cfg.seq_len:
             raise UserError(f"{L}-token samples exceed the judge's context {judge.cfg.seq_len}: lower --seq_len")
         if ck["kind"] == "ar":  # the same fast path as the latency rows
-            cache = model.new_cache(b, L, dtype=wdtype)
+            cache = model.new_cache(b, L, dtype=wdtype, prefix_only=not modes[-1])
             decode = compiled_decode(model, cache, modes[-1])[0]
             start = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (b, 1)
             generate = lambda K, seed: ar_sample(model, b, L, start, gen(seed), decode=decode, cache=cache)

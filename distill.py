@@ -1,15 +1,17 @@
 """Distil a diffusion LM: SDTT rounds from an MDLM teacher, or TCS from an AR teacher.
 
 --method sdtt (Self-Distillation Through Time, Deschenaux & Gulcehre 2025; design.md §6): the student
-starts as a copy of the MDLM teacher (its raw weights; --teacher_ema starts from its EMA weights
-instead). Round r trains the student to do in one step what the teacher does in two (teacher step
-1/K_r); at the end of the round the raw (non-EMA) student becomes the teacher and K halves, while
-the optimizer and EMA carry on. After R rounds the student samples with K0 / 2^R steps. Writes
-OUT_DIR/round{r}.pt after each round (sampling files: they record sample_steps = K0 / 2^r and hold
-no optimizer) and OUT_DIR/ckpt.pt (the full state: resumable mid-round, teacher included).
-Sample/evaluate with the EMA weights (the default of sample.py / eval.py).
+starts as a copy of the MDLM teacher: its raw weights by default, its EMA weights with --teacher_ema
+(use that when the teacher you evaluate is its EMA, as sample.py/eval.py do: then round 1 distils
+exactly the model of the teacher's rows). Round r trains the student to do in one step what the
+teacher does in two (teacher step Δ = 1/K_r); at the end of the round the raw (non-EMA) student
+becomes the teacher and K halves, while the optimizer and EMA carry on. After R rounds the student
+samples with K0 / 2^R steps. Writes OUT_DIR/round{r}.pt after each round (for sampling: sample_steps
+= K0 / 2^r, no optimizer) and OUT_DIR/ckpt.pt (the full state with the current teacher: --resume
+continues mid-round exactly). Sample/evaluate with the EMA weights (sample.py / eval.py default).
 
-CPU (teacher = train.py's default MDLM; 4 rounds 256 -> 16 steps; the measured README run):
+CPU (teacher = train.py's default MDLM, 6L/192d, bytes, seq_len 256; 4 rounds, 256 -> 16 steps;
+about 0.8-1.3 s a step on 2 cores, ~10-13 min):
     python distill.py --method sdtt --teacher out/ckpt.pt --teacher_ema --out_dir out-sdtt \
         --rounds 4 --iters_per_round 150 --batch_size 8 --lr 3e-4 --warmup 20 --ema 0.99
     python sample.py --ckpt out-sdtt/round4.pt          # 16 steps, as the checkpoint records
@@ -20,7 +22,7 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
 
 --method tcs (Target Concrete Score distillation from an AR teacher; design.md §7) lives in
-tinydiff/tcs.py; see its flags with --help.
+tinydiff/tcs.py; its flags are listed by --help.
 """
 import argparse
 import copy
@@ -30,11 +32,12 @@ import torch
 from tqdm import tqdm
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, load_meta, prepare, val_windows
+from tinydiff.data import DataError, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule
-from tinydiff.evaluate import val_metrics
+from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, train
 from tinydiff.model import ModelConfig, Transformer
+from tinydiff.presets import apply_preset
 from tinydiff.sampler import diffusion_sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 
@@ -47,12 +50,14 @@ except ModuleNotFoundError as e:
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"], help="sdtt (MDLM teacher) or tcs (AR teacher)")
-parser.add_argument("--teacher", default=None, help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py")
+parser.add_argument("--teacher", default=None,
+                    help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py")
 # SDTT
 parser.add_argument("--teacher_ema", action="store_true",
                     help="sdtt: start the student (and first teacher) from the teacher's EMA weights, "
                          "not its raw ones (use it when the teacher you evaluate is its EMA)")
-parser.add_argument("--rounds", type=int, default=4, help="sdtt: distillation rounds R (teacher steps halve each round)")
+parser.add_argument("--rounds", type=int, default=4,
+                    help="sdtt: distillation rounds R (teacher steps halve each round)")
 parser.add_argument("--iters_per_round", type=int, default=150, help="sdtt: optimizer steps per round (paper: 10k)")
 parser.add_argument("--teacher_steps", type=int, default=None,
                     help="sdtt: teacher sampling steps K0 in round 1 (default: the model's seq_len; paper 1024)")
@@ -67,7 +72,7 @@ add_run_args(parser)
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
 parser.set_defaults(data=None, tokenizer=None, max_iters=None, lr=None, warmup=None, ema=None, batch_size=None,
                     eval_interval=None, ckpt_interval=None, eval_tokens=None)
-args = parser.parse_args()
+args = apply_preset(parser)  # --preset sdtt-paper sets the paper's recipe; explicit flags still win
 
 
 def fill(**defaults):
@@ -197,10 +202,11 @@ def main():
         meta.update(meta_extra)
 
     if args.seq_len > cfg.seq_len:
-        raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: use {cfg.seq_len} or less")
+        raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: "
+                        f"use {cfg.seq_len} or less")
     print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"data {data_dir}, seq_len {args.seq_len}")
-    val_x = val_windows(data_dir, args.seq_len, args.eval_tokens).to(device)  # (N, L) fixed held-out windows
+    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens)[0].to(device)  # (N, L) same as train.py
 
     def evaluate(m):  # the data-only NELBO bound of the student (SDTT students drift from it: expected)
         return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)

@@ -9,6 +9,8 @@ CPU (train.py's default models: byte tokenizer, stdlib corpus, seq_len 256; ~30 
     python eval.py --ckpt out-shared/ar/ckpt.pt --judge out-shared/ar/ckpt.pt \
         --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000
 CPU smoke test (minutes): add --steps 8,32 --num_samples 4 --val_tokens 2048 --limit 50.
+A judge with another tokenizer needs --retokenize (samples are decoded and re-encoded, and the output
+says so), e.g. GPT-2 large as in the papers, through tinydiff/hub.py: --judge gpt2-large --retokenize.
 GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on the same data):
     python eval.py --ckpt out-owt/ckpt.pt --judge out-owt-ar/ckpt.pt --steps 8,16,32,64,128,256,512,1024 \
         --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada ../shared/data/lambada_test.jsonl
@@ -42,7 +44,7 @@ from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lamba
 from tinydiff.sampler import ar_sample, diffusion_sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR, from train.py/distill.py)")
+parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
 parser.add_argument("--judge", default=None, help="AR checkpoint that scores the samples (gen PPL); none: no gen PPL")
 parser.add_argument("--retokenize", action="store_true",
                     help="allow a judge with another tokenizer: decode the samples to text and re-encode them")
@@ -141,7 +143,8 @@ def main():
     def net(*a, **k):
         with autocast():
             return model(*a, **k)
-    net.new_cache = model.new_cache if kind == "ar" else None
+    cache_dtype = torch.bfloat16 if dtype == "bfloat16" else None  # the KV cache in the compute dtype: no copies
+    net.new_cache = (lambda b, n=None: model.new_cache(b, n, cache_dtype)) if kind == "ar" else None
 
     def judged(samples):  # the samples as the judge reads them
         if judge is None or not retok:
@@ -192,11 +195,14 @@ def main():
     f = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
     print(f"\n{kind} {args.ckpt} | {args.num_samples} samples x {L} tokens, seed {args.seed} | judge {args.judge}"
           + (" (re-encoded)" if retok else ""))
-    print(f"{'row':>6} {'steps':>6} {'NFE':>7} {'seconds':>8} {'gen PPL':>9} {'entropy':>8} {'self-BLEU':>9}")
+    print(f"{'row':>6} {'steps':>6} {'NFE':>7} {'seconds':>8} {'gen PPL':>9} {'(NLL se)':>8} {'entropy':>8} "
+          f"{'self-BLEU':>9}")
     for r in table:
         print(f"{r['row']:>6} {f(r['steps'], 'd'):>6} {f(r['nfe'], '.1f'):>7} {f(r['seconds'], '.2f'):>8} "
-              f"{f(r.get('gen_ppl'), '.3f'):>9} {f(r['entropy'], '.4f'):>8} {f(r['self_bleu'], '.4f'):>9}")
-    print("(real = held-out text windows of the same length; entropy = unigram entropy in nats, per sample, averaged)")
+              f"{f(r.get('gen_ppl'), '.3f'):>9} {f(r.get('gen_nll_se'), '.4f'):>8} {f(r['entropy'], '.4f'):>8} "
+              f"{f(r['self_bleu'], '.4f'):>9}")
+    print("(real = held-out text windows of the same length; entropy = unigram entropy in nats, per sample, averaged;"
+          " NLL se = standard error of the mean per-sample NLL, in nats)")
     if record["val_ppl"] is not None:
         print(f"val PPL {record['val_ppl']:.3f}" + (" (bound)" if kind == "mdlm" else " (exact)")
               + (f" | judge val PPL {record['val_ppl_judge']:.3f}" if record.get("val_ppl_judge") else ""))

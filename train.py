@@ -1,4 +1,4 @@
-"""Train a masked diffusion LM (MDLM, default) or an autoregressive baseline on one machine.
+r"""Train a masked diffusion LM (MDLM, default) or an autoregressive baseline on one machine.
 
 CPU, the default (byte-level MDLM on the Python standard library, ~8 min on 2 cores, samples that
 look like Python):
@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, prepare, val_windows
+from tinydiff.data import DataError, get_tokenizer, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
-from tinydiff.evaluate import val_metrics, val_window_len
+from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, train
 from tinydiff.model import ModelConfig, Transformer
+from tinydiff.presets import apply_preset
 from tinydiff.sampler import ar_sample, diffusion_sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,9 +31,12 @@ parser.add_argument("--n_head", type=int, default=6, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=192, help="model width")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout (MDLM on OWT: 0.1)")
 parser.add_argument("--tie_embeddings", action="store_true", help="share input embedding and output head")
+parser.add_argument("--init_from", default=None,
+                    help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
+                         "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
 add_run_args(parser)
 parser.set_defaults(seq_len=256, max_iters=500, batch_size=16, lr=2e-3, warmup=50)
-args = parser.parse_args()
+args = apply_preset(parser)  # --preset NAME sets defaults (printed); explicit flags still win
 
 
 def main():
@@ -45,7 +49,7 @@ def main():
     tok = get_tokenizer(args.tokenizer)
 
     # model: MDLM gets one extra embedding row for [MASK] (id = tokenizer vocab size)
-    resume = None
+    resume = init = None
     if args.resume:
         resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
         if resume["kind"] != args.model or resume["tokenizer"]["name"] != tok.name:
@@ -55,11 +59,21 @@ def main():
         if args.seq_len > cfg.seq_len:
             raise UserError(f"--seq_len {args.seq_len} is beyond the checkpoint's context {cfg.seq_len}: "
                             f"use --seq_len {cfg.seq_len} or less")
+    elif args.init_from:
+        init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
+        if init["kind"] != args.model or init["tokenizer"]["name"] != tok.name:
+            raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
+                            f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
+        init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
+        cfg = ModelConfig(**init["config"])
+        if args.seq_len > cfg.seq_len:
+            raise UserError(f"--seq_len {args.seq_len} is beyond --init_from's context {cfg.seq_len}: "
+                            f"use --seq_len {cfg.seq_len} or less")
     else:
         cfg = ModelConfig(vocab_size=tok.vocab_size + (args.model == "mdlm"), n_layer=args.n_layer, n_head=args.n_head,
                           n_embd=args.n_embd, seq_len=args.seq_len, causal=args.model == "ar", dropout=args.dropout,
                           tie_embeddings=args.tie_embeddings)
-    model = Transformer(cfg).to(device)
+    model = Transformer(cfg).to(device) if init is None else model_from_checkpoint(init, device).train()
     mask_id = tok.vocab_size if args.model == "mdlm" else None
     print(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"context {cfg.seq_len}, {model.estimate_flops_per_token(args.seq_len) / 1e6:.1f} MFLOP/token (train)")
@@ -74,7 +88,8 @@ def main():
             logits = fwd(x[:, :-1])  # (B, L, V)
             return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), {}
     window = val_window_len(args.model, args.seq_len)
-    val_x = val_windows(data_dir, window, args.eval_tokens).to(device)  # (N, window)
+    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens)[0].to(device)  # (N, window)
+    # (AR and MDLM score exactly the same held-out tokens: see heldout_windows)
 
     def evaluate(m):
         return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)

@@ -148,7 +148,8 @@ def test_self_bleu():
     clipped = (1 / 4 * 0.1 / 3 * 0.1 / 2 * 0.1 / 1) ** 0.25  # ...and the reverse direction gives the same
     assert self_bleu([torch.tensor([1, 1, 1, 1]), torch.tensor([1, 2, 3, 4])]) == pytest.approx(clipped)
     gen = torch.Generator().manual_seed(0)
-    samples = [torch.randint(0, 4, (int(n),), generator=gen).tolist() for n in torch.randint(6, 12, (7,), generator=gen)]
+    lengths = torch.randint(6, 12, (7,), generator=gen).tolist()
+    samples = [torch.randint(0, 4, (n,), generator=gen).tolist() for n in lengths]
     want = sum(brute_bleu(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)) / len(samples)
     assert self_bleu(samples) == pytest.approx(want, rel=1e-12)
 
@@ -267,10 +268,14 @@ def test_lambada_truncates_long_contexts_from_the_left():
 # ---------------------------------------------------------------- eval.py end to end
 
 
-def run_script(args, cwd):
+def run_scripts(jobs, cwd):
+    """Run several scripts at once (each mostly waits on its torch import), return their results."""
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.path.abspath(TIKTOKEN_CACHE), "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, *args in jobs]
+    outputs = [p.communicate(timeout=300) for p in procs]  # (stdout, stderr); sets returncode
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
@@ -283,43 +288,46 @@ def ckpts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
         (tmp / "tiny.txt").write_text(f.read(8000))
-    for name, extra in [("ar", ["--model", "ar"]), ("mdlm_gpt2", ["--tokenizer", "gpt2"])]:
-        r = run_script([os.path.join(ROOT, "train.py"), *TINY, *extra, "--out_dir", name], tmp)
+    jobs = [("train.py", *TINY, "--model", "ar", "--out_dir", "ar"),
+            ("train.py", *TINY, "--tokenizer", "gpt2", "--out_dir", "mdlm_gpt2")]
+    for r in run_scripts(jobs, tmp):
         assert r.returncode == 0, r.stderr[-2000:]
     lam = tmp / "lambada.jsonl"
     lam.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
     return tmp
 
 
+@pytest.mark.slow
 def test_eval_script_end_to_end(ckpts):
     common = ["--num_samples", "2", "--batch_size", "2", "--val_tokens", "64", "--lambada", "lambada.jsonl",
               "--limit", "2", "--lambada_draws", "2"]
-    r = run_script([os.path.join(ROOT, "eval.py"), "--ckpt", "ar/ckpt.pt", "--judge", "ar/ckpt.pt", *common], ckpts)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ar, mdlm = run_scripts([("eval.py", "--ckpt", "ar/ckpt.pt", "--judge", "ar/ckpt.pt", *common),
+                            # an MDLM with the gpt2 tokenizer, the bytes judge allowed by --retokenize
+                            ("eval.py", "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", "ar/ckpt.pt", "--retokenize",
+                             "--steps", "2,4", *common)], ckpts)
+    assert ar.returncode == 0, ar.stderr[-2000:]
+    out = json.loads(ar.stdout.strip().splitlines()[-1])
     assert out["kind"] == "ar" and out["judge"] == "ar/ckpt.pt" and out["sampling_dtype"] == "float64"
     assert set(out["gen_ppl"]) == {"ar", "real"} and all(v > 1 for v in out["gen_ppl"].values())
     assert out["val_ppl"] == pytest.approx(out["val_ppl_judge"])  # the same model on the same tokens
     assert out["lambada_n"] == 2 and 0 <= out["lambada_acc"] <= 1 and out["lambada_nll"] > 0
 
-    # an MDLM with the gpt2 tokenizer, the bytes judge allowed by --retokenize: said in the output
-    r = run_script([os.path.join(ROOT, "eval.py"), "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", "ar/ckpt.pt",
-                    "--retokenize", "--steps", "2,4", *common], ckpts)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["retokenized"] and "RE-ENCODED" in r.stdout
+    assert mdlm.returncode == 0, mdlm.stderr[-2000:]
+    out = json.loads(mdlm.stdout.strip().splitlines()[-1])
+    assert out["retokenized"] and "RE-ENCODED" in mdlm.stdout  # the output says the samples were re-encoded
     assert out["steps"] == [2, 4] and set(out["gen_ppl"]) == {"2", "4", "real"}
     assert set(out["entropy"]) == {"2", "4", "real"} and out["nfe"]["2"] <= 2
     for key in ("val_ppl", "lambada_acc", "seed", "num_samples", "judge"):
         assert out[key] is not None, key
 
 
+@pytest.mark.slow
 def test_eval_script_bad_judges(ckpts):
     """A corrupt judge and a judge with another tokenizer: exit 2 and one clear line on stderr."""
     (ckpts / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
     cases = {"corrupt.pt": "corrupt", "ar/ckpt.pt": "uses the bytes tokenizer but the model uses gpt2"}
-    for judge, words in cases.items():
-        r = run_script([os.path.join(ROOT, "eval.py"), "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", judge], ckpts)
+    results = run_scripts([("eval.py", "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", judge) for judge in cases], ckpts)
+    for (judge, words), r in zip(cases.items(), results):
         assert r.returncode == 2, (judge, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0] and "judge" in lines[0], lines

@@ -250,7 +250,7 @@ def test_rounds_checkpoints_and_exact_resume(teacher_dir):
     d = teacher_dir
     out = last_json(run("distill.py", "--teacher", "mdlm/ckpt.pt", *ROUNDS, "--out_dir", "straight", cwd=d))
     assert out["iter"] == 6 and out["sample_steps"] == 2 and out["method"] == "sdtt"
-    r1, r2, final = load(d / "straight" / "round1.pt"), load(d / "straight" / "round2.pt"), load(d / "straight" / "ckpt.pt")
+    r1, r2, final = (load(d / "straight" / f) for f in ("round1.pt", "round2.pt", "ckpt.pt"))
     # teacher steps halve each round; round r's student samples with K0 / 2^r steps
     assert (r1["iter"], r1["sample_steps"], r1["extra"]["teacher_steps"]) == (3, 4, 8)
     assert (r2["iter"], r2["sample_steps"], r2["extra"]["teacher_steps"]) == (6, 2, 4)
@@ -268,7 +268,8 @@ def test_rounds_checkpoints_and_exact_resume(teacher_dir):
     run("distill.py", "--teacher", "mdlm/ckpt.pt", *ROUNDS, "--out_dir", "halves", "--resume", cwd=d)
     resumed = load(d / "halves" / "ckpt.pt")
     assert resumed["iter"] == 6
-    assert same_weights(resumed["model"], final["model"]) and same_weights(resumed["ema"]["model"], final["ema"]["model"])
+    assert same_weights(resumed["model"], final["model"])
+    assert same_weights(resumed["ema"]["model"], final["ema"]["model"])
     assert same_weights(load(d / "halves" / "round2.pt")["model"], r2["model"])
 
     # every round's checkpoint samples with its recorded step count

@@ -55,23 +55,30 @@ def apply_rotary(x, cos, sin):
 class KVCache(nn.Module):
     """Static, pre-allocated keys/values for causal decoding: written in place, never reallocated.
 
-    Attention always reads the whole buffer (B, H, max_len, hd) with a mask that hides positions not
-    yet written, so the decode step has one static shape (what torch.compile / CUDA graphs need).
+    By default attention reads the whole buffer (B, H, max_len, hd) with a mask that hides positions
+    not yet written, so the decode step has one static shape (what torch.compile / CUDA graphs need).
+    prefix_only=True is for eager decoding: attention reads only the keys written so far, with no mask
+    for a one-token step. It does less work (on 2 CPU cores a batch-32 step costs ~half), but sums in
+    another order, so logits can differ in the last bits from the static path (same law of samples).
     """
 
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device, prefix_only=False):
         super().__init__()
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # key positions 0..max_len-1, made once: the decode step builds its mask from them without allocating
         self.register_buffer("positions", torch.arange(max_len, device=device), persistent=False)
-        self.max_len = max_len
+        self.max_len, self.prefix_only = max_len, prefix_only
 
-    def mask(self, input_pos):
-        """(T, max_len) bool: key j is visible to the query at input_pos[i] iff j <= input_pos[i]
-        (causal, and it hides the unwritten tail and any stale entries of an earlier sequence)."""
-        return self.positions[None, :] <= input_pos[:, None]
+    def keys(self, input_pos):
+        """(n, mask) for a chunk written at input_pos (T,): attention reads keys 0..n-1, and key j is
+        visible to the query at input_pos[i] iff j <= input_pos[i] (causal; it also hides the unwritten
+        tail and any stale entries of an earlier sequence). mask (T, n) bool, or None: all visible."""
+        if not self.prefix_only:
+            return self.max_len, self.positions[None, :] <= input_pos[:, None]
+        n = int(input_pos[-1]) + 1  # a host sync on GPU, once per forward: this path is for eager decoding
+        return n, None if len(input_pos) == 1 else self.positions[None, :n] <= input_pos[:, None]
 
 
 class Attention(nn.Module):
@@ -82,7 +89,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.causal, self.dropout = cfg.causal, cfg.dropout
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, attn_mask=None):
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         if cos is not None:  # None: learned absolute positions, already added to the input
@@ -91,14 +98,14 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, H, T, hd)
         else:
-            # write this chunk at input_pos, then attend over the whole static buffer through the
-            # mask (Transformer.forward builds it once for all layers; see KVCache.mask). Keep the
+            # write this chunk at input_pos, then attend over keys 0..n-1 through the mask
+            # (Transformer.forward makes (n, mask) once for all layers; see KVCache.keys). Keep the
             # cache in the compute dtype (new_cache(dtype=...)): else .to() copies all of it each step
             cache.k[layer].index_copy_(2, input_pos, k.to(cache.k.dtype))
             cache.v[layer].index_copy_(2, input_pos, v.to(cache.v.dtype))
-            mask = cache.mask(input_pos) if attn_mask is None else attn_mask  # (T, max_len)
-            y = F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype),
-                                               attn_mask=mask)  # (B, H, T, hd)
+            n, mask = cache.keys(input_pos) if keys is None else keys  # mask: (T, n) or None
+            y = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :n].to(q.dtype),
+                                               cache.v[layer, :, :, :n].to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -112,8 +119,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.gelu_approx = cfg.gelu_approx
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, attn_mask=None):
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos, attn_mask))
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos, keys))
         x = x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)), approximate=self.gelu_approx)))
         return x
 
@@ -169,17 +176,18 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.cos[input_pos], self.sin[input_pos]
         x = self.drop(x)
-        mask = cache.mask(input_pos) if cache is not None else None  # (T, max_len), shared by all layers
+        keys = cache.keys(input_pos) if cache is not None else None  # (n, mask), shared by all layers
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layer, cache, input_pos, mask)
+            x = block(x, cos, sin, layer, cache, input_pos, keys)
         return self.head(self.ln_f(x)).float()  # (B, T, V)
 
-    def new_cache(self, batch_size, max_len=None, dtype=None):
-        """A fresh static KV cache for causal decoding of up to max_len (default seq_len) tokens."""
+    def new_cache(self, batch_size, max_len=None, dtype=None, prefix_only=False):
+        """A fresh static KV cache for causal decoding of up to max_len (default seq_len) tokens
+        (prefix_only: see KVCache)."""
         assert self.cfg.causal, "the KV cache is for causal (AR) models"
         p = self.head.weight
         return KVCache(self.cfg.n_layer, batch_size, self.cfg.n_head, max_len or self.cfg.seq_len,
-                       self.cfg.n_embd // self.cfg.n_head, dtype or p.dtype, p.device)
+                       self.cfg.n_embd // self.cfg.n_head, dtype or p.dtype, p.device, prefix_only)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

@@ -130,6 +130,15 @@ def cudagraph_skips():
         return 0
 
 
+def weight_params(n_layer, n_embd, vocab_size):
+    """Parameters a forward pass reads, by shape: per block the qkv, proj, fc, out matrices and their
+    biases (12 d^2 + 9 d) and two LayerNorms (4 d), the final LayerNorm (2 d) and the untied output
+    head (V d); not the input embedding (a lookup). Equals Transformer.num_params(non_embedding=True)
+    (tests check it), i.e. what estimate_flops_per_token counts, without building a model."""
+    d = n_embd
+    return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab_size * d
+
+
 def roofline(weight_params, n_layer, n_embd, seq_len, batch, steps, peak_flops, mem_bw, bytes_per_el=2):
     """Ideal time (every unit at 100% of its peak) to sample a batch of seq_len-token sequences.
 
