@@ -30,7 +30,7 @@ parser.add_argument("--n_seq", type=int, default=32, help="held-out windows scor
 parser.add_argument("--batch_size", type=int, default=8, help="windows per estimator call")
 parser.add_argument("--ks", default="2,4,8,16,32", help="comma-separated K for topk (candidates from grad)")
 parser.add_argument("--prefix_k", type=int, default=16, help="K of the topk row with candidates from prefix")
-parser.add_argument("--window", type=int, default=8, help="suffix window W of the windowed topk row (0 = no such row)")
+parser.add_argument("--windowed", default="4:4,16:8", help="comma-separated K:W topk rows with a suffix window W (grad)")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (1: timings that do not depend on what else the machine runs)")
@@ -88,9 +88,9 @@ def main():
     configs += [(f"topk K={k} (grad)", {"estimator": "topk", "topk": k, "candidates": "grad"})
                 for k in map(int, args.ks.split(","))]
     configs.append((f"topk K={args.prefix_k} (prefix)", {"estimator": "topk", "topk": args.prefix_k, "candidates": "prefix"}))
-    if args.window:
-        configs.append((f"topk K={args.prefix_k} W={args.window} (grad)",
-                        {"estimator": "topk", "topk": args.prefix_k, "candidates": "grad", "window": args.window}))
+    for kw in filter(None, args.windowed.split(",")):
+        k, w = map(int, kw.split(":"))
+        configs.append((f"topk K={k} W={w} (grad)", {"estimator": "topk", "topk": k, "candidates": "grad", "window": w}))
 
     rows, exact = [], None
     print("| estimator | KL(exact‖est) nats | TV to exact | exact mass missed | teacher ms/seq | CPU ms/seq |")

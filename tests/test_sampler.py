@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from harness import OracleAR, OracleDenoiser, chi2_gof, exact_sampler_law, tv
+from harness import OracleDenoiser, chi2_gof, exact_sampler_law, tv
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampler import ar_sample, diffusion_sample, filter_logits, sample_tokens
 

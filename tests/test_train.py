@@ -82,7 +82,8 @@ def test_checkpoint_round_trip_and_sampling(tmp_path, corpus):
     assert not torch.equal(raw(x), ema(x))  # EMA weights differ from the raw ones and are the default
     # same seed -> same samples; a prompt is kept as the clamped prefix
     args = ["--ckpt", "out/ckpt.pt", "--steps", 8, "--num_samples", 3, "--prompt", "def ", "--seed", 5]
-    a, b = run("sample.py", *args, "--out", "a.jsonl", cwd=tmp_path), run("sample.py", *args, "--out", "b.jsonl", cwd=tmp_path)
+    a = run("sample.py", *args, "--out", "a.jsonl", cwd=tmp_path)
+    run("sample.py", *args, "--out", "b.jsonl", cwd=tmp_path)
     ta, tb = [json.loads(l)["text"] for l in open(tmp_path / "a.jsonl")], [json.loads(l)["text"] for l in open(tmp_path / "b.jsonl")]
     assert ta == tb and len(ta) == 3 and all(t.startswith("def ") for t in ta)
     summary = last_json(a)

@@ -77,14 +77,18 @@ def autocast_ctx(device, dtype):
 
 
 def setup_runtime(args):
-    """Apply the policy for --device/--dtype/--compile, print it, return (device, dtype, compile, autocast)."""
+    """Apply the policy for --device/--dtype/--compile, print it, return (device, dtype, compile, autocast).
+    Launched by torchrun, the process also joins the DDP process group here (before any CUDA work)."""
     device, why_d = pick_device(args.device)
     dtype, why_t = pick_dtype(args.dtype, device)
     use_compile, why_c = pick_compile(args.compile, device)
+    from .dist import active, init  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
+    world = init(device)[1]
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    print(f"device {device} ({why_d}) | dtype {dtype} ({why_t}) | compile {use_compile} ({why_c}) | torch {torch.__version__}")
+    ddp = f" | DDP over {world} processes ({'nccl' if device == 'cuda' else 'gloo'})" if active() else ""
+    print(f"device {device} ({why_d}) | dtype {dtype} ({why_t}) | compile {use_compile} ({why_c}) | torch {torch.__version__}{ddp}")
     return device, dtype, use_compile, autocast_ctx(device, dtype)
 
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .common import DataError, commit_files, temp_path
+from .dist import rank0_first
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
 
@@ -246,7 +247,13 @@ def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="d
 
 def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None):
     """Make sure ROOT/<name>-<tokenizer>/ holds the tokenized source; returns that folder.
-    num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1)."""
+    num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1).
+    Under torchrun, rank 0 prepares while the other ranks wait; they then find the folder ready."""
+    with rank0_first():
+        return _prepare(source, tokenizer_name, root, num_proc)
+
+
+def _prepare(source, tokenizer_name, root, num_proc):
     tok = _get_tokenizer(tokenizer_name)
     if source in HF_SOURCES:
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading

@@ -28,18 +28,46 @@ class LogLinearSchedule:
         return 1 / t
 
 
+_DATA_PARALLEL = None  # (generator, rank, world) inside data_parallel_noise()
+
+
+@contextlib.contextmanager
+def data_parallel_noise(generator, rank, world):
+    """DDP training (loop.train under torchrun): inside this block, sample_times and forward_mask draw t
+    and the masks of the whole global batch (world x B rows) from `generator`, which is in the same state
+    on every rank, and return this rank's rows rank, rank + world, rank + 2 world, ... (the rows of the
+    global data batch it holds). So the ranks together see exactly the t and masks of one process with
+    batch world x B, and each rank's t still spans [0, 1) evenly. The generator the loss passes them is
+    then left for the loss's other draws (SDTT's teacher steps), which differ across ranks."""
+    global _DATA_PARALLEL
+    before, _DATA_PARALLEL = _DATA_PARALLEL, (generator, rank, world)
+    try:
+        yield
+    finally:
+        _DATA_PARALLEL = before
+
+
 def sample_times(batch_size, generator=None, device="cpu", eps_t=1e-3):
     """Stratified (antithetic) t over the batch: t_b = ((u + b/B) mod 1)(1 - eps_t) + eps_t, one u.
     Lower variance than i.i.d. t (MDLM, 'low-discrepancy sampler')."""
+    rows, n = torch.arange(batch_size, device=device), batch_size  # (B,)
+    if _DATA_PARALLEL is not None:  # this rank's rows of the global batch
+        generator, rank, world = _DATA_PARALLEL
+        rows, n = rows * world + rank, batch_size * world
     u = torch.rand(1, generator=generator, device=device)  # (1,)
-    offsets = torch.arange(batch_size, device=device) / batch_size  # (B,)
+    offsets = rows / n  # (B,)
     return ((u + offsets) % 1) * (1 - eps_t) + eps_t  # (B,)
 
 
 def forward_mask(x, t, schedule, mask_id, generator=None):
     """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t."""
     p_mask = (1 - schedule.alpha(t))[:, None]  # (B, 1)
-    move = torch.rand(x.shape, generator=generator, device=x.device) < p_mask  # (B, L)
+    if _DATA_PARALLEL is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+    else:  # this rank's rows of the global batch's draw
+        generator, rank, world = _DATA_PARALLEL
+        u = torch.rand((x.shape[0] * world, *x.shape[1:]), generator=generator, device=x.device)[rank::world]
+    move = u < p_mask  # (B, L)
     return torch.where(move, torch.full_like(x, mask_id), x)
 
 

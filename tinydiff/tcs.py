@@ -375,10 +375,10 @@ def build_tcs(args, student, device, run):
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
 
     def compute(x):
+        if args.tcs_lambda == 0:  # plain MDLM through the same code path: no teacher work at all
+            return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
         return tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window, args.candidates, max_elems)
 
-    if args.tcs_lambda == 0:  # plain MDLM through the same code path: no teacher work at all
-        compute = lambda x: (x[..., None], torch.zeros(*x.shape, 1, device=x.device))  # pi = onehot(x)
     cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
     run["get_batch"] = grid_batch
 
