@@ -8,7 +8,7 @@ across calls, the prompt prefilled in one pass; eager, attention reads only the 
 compiled (when compile is on), one static shape over the whole cache, with CUDA graphs on CUDA. The
 "ar_nocache" row re-runs the whole prefix per token, to show what the cache buys.
 
-CPU, the README latency table (tiny = train.py's 6L/192d default, random weights):
+CPU, the README latency table (tiny = train.py's 4L/128d default, random weights):
     python bench.py --size tiny --seq_len 256 --batch_sizes 1,8,32 --steps 8,16,32,64,128,256 \
         --compile both --sections latency,roofline
 CPU, training throughput / MFU of the default config (eager, batch 32 x 256):

@@ -10,10 +10,10 @@ samples with K0 / 2^R steps. Writes OUT_DIR/round{r}.pt after each round (for sa
 = K0 / 2^r, no optimizer) and OUT_DIR/ckpt.pt (the full state with the current teacher: --resume
 continues mid-round exactly). Sample/evaluate with the EMA weights (sample.py / eval.py default).
 
-CPU (teacher = train.py's default MDLM, 6L/192d, bytes, seq_len 256; 4 rounds, 256 -> 16 steps;
-about 0.8-1.3 s a step on 2 cores, ~10-13 min):
+CPU (teacher = train.py's default MDLM, 4L/128d, bytes, seq_len 256; 4 rounds, 256 -> 16 steps;
+the README's run):
     python distill.py --method sdtt --teacher out/ckpt.pt --teacher_ema --out_dir out-sdtt \
-        --rounds 4 --iters_per_round 150 --batch_size 8 --lr 3e-4 --warmup 20 --ema 0.99
+        --rounds 4 --iters_per_round 300 --batch_size 8 --lr 3e-4 --warmup 20 --ema 0.99
     python sample.py --ckpt out-sdtt/round4.pt          # 16 steps, as the checkpoint records
 GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps, 10k steps a round):
     python distill.py --method sdtt --teacher out-owt/ckpt.pt --teacher_ema --out_dir out-sdtt \

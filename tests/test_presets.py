@@ -15,7 +15,7 @@ def train_like_parser():
     """train.py's flags: its own block plus the shared run flags."""
     p = argparse.ArgumentParser(prog="train.py")
     p.add_argument("--model", default="mdlm", choices=["mdlm", "ar"])
-    for flag, default in (("--n_layer", 6), ("--n_head", 6), ("--n_embd", 192)):
+    for flag, default in (("--n_layer", 4), ("--n_head", 4), ("--n_embd", 128)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--dropout", type=float, default=0.0)
     add_run_args(p)

@@ -22,7 +22,7 @@ import torch.nn as nn
 # L = 1024) and tinydiff's CPU default. Heads are chosen for a head dimension of 64 (the paper gives
 # depth and width); vocab is the tokenizer's (the MDLM adds one [MASK] row).
 SIZES = {
-    "tiny": dict(n_layer=6, n_head=6, n_embd=192, seq_len=256, vocab=257),    # train.py's default, bytes
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=256, vocab=257),    # train.py's default, bytes
     "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab=50257),
     "medium": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=1024, vocab=50257),
     "large": dict(n_layer=24, n_head=24, n_embd=1536, seq_len=1024, vocab=50257),
