@@ -36,7 +36,7 @@ def test_preset_sets_defaults_and_flags_win(capsys):
 
 def test_no_preset_changes_nothing(capsys):
     args = apply_preset(train_like_parser(), [])
-    assert (args.preset, args.n_layer, args.lr, args.data) == (None, 6, 2e-3, "stdlib")
+    assert (args.preset, args.n_layer, args.lr, args.data) == (None, 4, 2e-3, "stdlib")
     assert capsys.readouterr().out == ""
 
 
