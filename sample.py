@@ -51,7 +51,8 @@ def main():
     def net(*a, **k):
         with autocast():
             return model(*a, **k)
-    net.new_cache = model.new_cache if model.cfg.causal else None
+    cache_dtype = torch.bfloat16 if autocast is not None and dtype == "bfloat16" else None  # KV cache in the compute dtype
+    net.new_cache = (lambda b, n=None: model.new_cache(b, n, cache_dtype)) if model.cfg.causal else None
 
     prompt = tok.encode(args.prompt)
     if ckpt["kind"] == "ar" and not prompt:

@@ -58,9 +58,6 @@ def main():
             raise UserError(f"{args.out_dir}/ckpt.pt is a {resume['kind']} model with the {resume['tokenizer']['name']} "
                             f"tokenizer: resume with the same --model and --tokenizer, or use another --out_dir")
         cfg = ModelConfig(**resume["config"])
-        if args.seq_len > cfg.seq_len:
-            raise UserError(f"--seq_len {args.seq_len} is beyond the checkpoint's context {cfg.seq_len}: "
-                            f"use --seq_len {cfg.seq_len} or less")
     elif args.init_from:
         init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
         if init["kind"] != args.model or init["tokenizer"]["name"] != tok.name:
@@ -68,13 +65,14 @@ def main():
                             f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
         cfg = ModelConfig(**init["config"])
-        if args.seq_len > cfg.seq_len:
-            raise UserError(f"--seq_len {args.seq_len} is beyond --init_from's context {cfg.seq_len}: "
-                            f"use --seq_len {cfg.seq_len} or less")
     else:
         cfg = ModelConfig(vocab_size=tok.vocab_size + (args.model == "mdlm"), n_layer=args.n_layer, n_head=args.n_head,
                           n_embd=args.n_embd, seq_len=args.seq_len, causal=args.model == "ar", dropout=args.dropout,
                           tie_embeddings=args.tie_embeddings)
+    if args.seq_len > cfg.seq_len:  # a fresh model has seq_len = args.seq_len; a loaded one keeps its context
+        source = "the checkpoint" if resume is not None else "--init_from"
+        raise UserError(f"--seq_len {args.seq_len} is beyond {source}'s context {cfg.seq_len}: "
+                        f"use --seq_len {cfg.seq_len} or less")
     model = Transformer(cfg).to(device) if init is None else model_from_checkpoint(init, device).train()
     mask_id = tok.vocab_size if args.model == "mdlm" else None
     print(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "

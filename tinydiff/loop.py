@@ -200,7 +200,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         if it % args.log_interval == 0 or it == args.max_iters:
             train_loss = dist.mean(loss_sum).item()  # the one host sync, every log_interval steps
             tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr_at(it - 1, args):.2e}", tok_s=f"{tok_s:.0f}",
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}",
                             **{k: f"{v.item():.4f}" for k, v in logs.items()})
         bar.update(1)
         if rank0 and (it % args.eval_interval == 0 or it == args.max_iters):

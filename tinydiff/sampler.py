@@ -42,6 +42,14 @@ def sample_tokens(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
+def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top_k=0, top_p=1.0):
+    """One ancestral reveal, in place: x[rows] <- a float64 draw from softmax(logits[rows]) with the
+    [MASK] id excluded (SUBS: never predict the mask). rows: an index tuple from nonzero()."""
+    chosen = logits[rows].double()  # (n, V)
+    chosen[:, mask_id] = float("-inf")
+    x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)
+
+
 def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, schedule=None, generator=None,
                      device="cpu", temperature=1.0, top_k=0, top_p=1.0, eps=1e-5, cache=True):
     """Ancestral sampling of a masked diffusion LM over the grid t_0 = 1 > ... > t_K = eps.
@@ -66,11 +74,12 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
     alphas = schedule.alpha(ts).tolist()
     p_reveals = [(a_s - a_t) / (1 - a_t) for a_t, a_s in zip(alphas[:-1], alphas[1:])]
     nfe, logits = 0, None
+    u = torch.empty(x.shape, device=x.device, dtype=torch.float64)  # (B, L) uniforms, refilled each step
     for p_reveal in p_reveals:
         if not cache:
             logits = model(x)  # uncached: one network call per step, whatever happens
             nfe += 1
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # (B, L)
+        u.uniform_(generator=generator)  # the same numbers torch.rand would draw, no allocation
         reveal = (x == mask_id) & (u < p_reveal)  # (B, L)
         rows = reveal.nonzero(as_tuple=True)
         if rows[0].numel() == 0:
@@ -78,9 +87,7 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
         if logits is None:
             logits = model(x)  # (B, L, V): p_theta(. | z_t); stays valid until x changes
             nfe += 1
-        chosen = logits[rows].double()  # (n, V)
-        chosen[:, mask_id] = float("-inf")  # SUBS: never predict the mask
-        x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)
+        reveal_tokens(x, logits, rows, mask_id, generator, temperature, top_k, top_p)
         logits = None  # x changed: the cached output is stale
     left = (x == mask_id).nonzero(as_tuple=True)
     if left[0].numel() > 0:  # final greedy pass (counted in nfe)

@@ -13,7 +13,7 @@ which looks like a typo of the above; we do not reproduce it.
 import torch
 
 from .diffusion import forward_mask, masked_log_probs, sample_times, subs_log_probs
-from .sampler import sample_tokens
+from .sampler import reveal_tokens
 
 DIVERGENCES = ("kl_bwd", "kl_fwd", "mse", "tvd")
 
@@ -52,9 +52,7 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
         p_reveal = (a_s - a_t) / (1 - a_t)  # (B,) float64
         u = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)  # (B, L)
         rows = (masked & (u < p_reveal[:, None])).nonzero(as_tuple=True)
-        chosen = logits[rows].double()  # (n, V)
-        chosen[:, mask_id] = float("-inf")  # SUBS: never reveal a mask
-        z[rows] = sample_tokens(chosen, generator)
+        reveal_tokens(z, logits, rows, mask_id, generator)  # the sampler's own reveal step
     return target
 
 
