@@ -1,7 +1,7 @@
 r"""Train a masked diffusion LM (MDLM, default) or an autoregressive baseline on one machine.
 
-CPU, the default (byte-level MDLM on the Python standard library, ~8 min on 2 cores, samples that
-look like Python):
+CPU, the default (byte-level MDLM on the Python standard library, ~8 min on 2 cores, samples with
+Python's layout; its keywords need ~4x longer, --max_iters 5200, see README):
     python train.py
 The AR baseline / judge of the same size on the same data:
     python train.py --model ar --out_dir out-ar

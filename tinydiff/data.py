@@ -303,7 +303,12 @@ def get_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu"
         raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len+1 = {seq_len + 1}: "
                         f"use a smaller --seq_len or a bigger corpus")
     ix = torch.randint(len(data) - seq_len + 1, (batch_size,), generator=generator)  # (B,) window starts
-    x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in ix.tolist()])  # (B, L)
+    return windows_at(data, ix, seq_len, device)
+
+
+def windows_at(data, starts, seq_len, device="cpu"):
+    """(B, seq_len) int64 windows of a token array at the given starts (B,), on device."""
+    x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in starts.tolist()])  # (B, L)
     if str(device).startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True)  # pinned: the copy overlaps with GPU work
     return x.to(device)

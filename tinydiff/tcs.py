@@ -39,11 +39,10 @@ cache miss each time).
 """
 import time
 
-import numpy as np
 import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import _open_split, DataError
+from .data import DataError, _open_split, windows_at
 from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
 from .model import Transformer
 
@@ -58,15 +57,19 @@ def ar_inputs(x, bos_id):
     return torch.cat([bos, x[:, :-1]], dim=1)  # (B, L)
 
 
+def _upcast(logits):
+    """At least fp32: bf16/fp16 logits from autocast are upcast, fp32/fp64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _log_softmax(logits):
-    """log-softmax in at least fp32 (bf16 logits from autocast are upcast; fp64 stays fp64)."""
-    return logits.float().log_softmax(-1) if logits.dtype in (torch.float16, torch.bfloat16) else logits.log_softmax(-1)
+    return _upcast(logits).log_softmax(-1)
 
 
 def token_log_probs(logits, seq):
     """log p(seq_j | seq_<j) from teacher logits (n, T, V) and the tokens they predict (n, T) -> (n, T),
     without materialising the whole log-softmax: logit of the token minus the log normaliser."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logits = _upcast(logits)
     return logits.gather(-1, seq[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (n, T)
 
 
@@ -306,8 +309,7 @@ def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu
     if n_chunks < 1:
         raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}")
     ix = torch.randint(n_chunks, (batch_size,), generator=generator) * seq_len  # (B,) chunk starts
-    x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in ix.tolist()])  # (B, L)
-    return x.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else x.to(device)
+    return windows_at(data, ix, seq_len, device)
 
 
 # ----------------------------------------------------------------------------- distill.py plumbing
