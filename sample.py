@@ -9,12 +9,13 @@ static KV cache (an unconditional sample starts from the end-of-text token).
 """
 import argparse
 import json
-import os
 import time
+from pathlib import Path
 
 import torch
 
-from tinydiff.common import UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint, pick_device
+from tinydiff.common import (UserError, autocast_ctx, commit_files, die, emit, load_checkpoint, make_generator,
+                             model_from_checkpoint, pick_device, pick_dtype)
 from tinydiff.data import DataError, get_tokenizer
 from tinydiff.sampler import ar_sample, diffusion_sample
 
@@ -45,13 +46,13 @@ def main():
     seq_len = args.seq_len or context
     if seq_len > context:
         raise UserError(f"--seq_len {seq_len} is beyond the model's context {context}: use --seq_len {context} or less")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype, _ = pick_dtype(args.dtype, device)
     autocast = autocast_ctx(device, dtype)
 
     def net(*a, **k):
         with autocast():
             return model(*a, **k)
-    cache_dtype = torch.bfloat16 if autocast is not None and dtype == "bfloat16" else None  # KV cache in the compute dtype
+    cache_dtype = torch.bfloat16 if dtype == "bfloat16" else None  # KV cache in the compute dtype
     net.new_cache = (lambda b, n=None: model.new_cache(b, n, cache_dtype)) if model.cfg.causal else None
 
     prompt = tok.encode(args.prompt)
@@ -79,11 +80,8 @@ def main():
     for i, text in enumerate(texts):
         print(f"{'=' * 30} sample {i} {'=' * 30}\n{text}")
     if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt}) + "\n")
-        os.replace(tmp, args.out)
+        lines = [json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt}) + "\n" for text in texts]
+        commit_files({Path(args.out): "".join(lines).encode()})
     emit({"num_samples": len(texts), "steps": steps if ckpt["kind"] == "mdlm" else None, "nfe": nfe_total,
           "seconds": seconds, "tokens_per_sec": len(texts) * seq_len / seconds, "kind": ckpt["kind"]})
 

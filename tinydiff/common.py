@@ -124,12 +124,20 @@ class EMA:
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a broken file."""
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a synced temp file beside path, then commit_files moves it into place: a crash never
+    leaves a broken checkpoint, and a failed save leaves no temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit_files({path: tmp})
 
 
 def temp_path(path):

@@ -44,6 +44,11 @@ SDTT_REVISIONS = ("baselines_{kld,mse,tvd}_step_{10000..70000}, scaling_400k_{sm
                   "teacher_400k_{sm,md,large}_step_400000, teacher_1M_sm")  # jdeschena/sdtt's loaders
 
 
+def _f32(t):
+    """A converted tensor: fp32 and contiguous, whatever dtype/layout the published file stored."""
+    return t.to(torch.float32).contiguous()
+
+
 def is_pretrained(spec):
     """True for the names load_pretrained understands (hf:..., gpt2*): not paths."""
     return isinstance(spec, str) and (spec.startswith("hf:") or spec in GPT2_REPOS)
@@ -136,30 +141,29 @@ def convert_dit(sd, n_head, seq_len=1024, dropout=0.0):
     V, C = emb.shape
     n_layer = len([k for k in sd if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k)])
     c = dit_conditioning(sd)  # (cond,)
-    f32 = lambda t: t.to(torch.float32).contiguous()
     zeros = lambda n: torch.zeros(n, dtype=torch.float32)
-    state = {"tok_emb.weight": f32(emb)}
+    state = {"tok_emb.weight": _f32(emb)}
     for i in range(n_layer):
         p = f"blocks.{i}."
         mod = sd[p + "adaLN_modulation.weight"].double() @ c + sd[p + "adaLN_modulation.bias"].double()  # (6C,)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6)  # (C,) each, DiT's order
         state.update({
             # modulate(LN(x) * w, shift, scale) = LN(x) * (w * (1 + scale)) + shift
-            p + "ln1.weight": f32(sd[p + "norm1.weight"].double() * (1 + scale_msa)), p + "ln1.bias": f32(shift_msa),
-            p + "attn.qkv.weight": f32(sd[p + "attn_qkv.weight"]), p + "attn.qkv.bias": zeros(3 * C),
+            p + "ln1.weight": _f32(sd[p + "norm1.weight"].double() * (1 + scale_msa)), p + "ln1.bias": _f32(shift_msa),
+            p + "attn.qkv.weight": _f32(sd[p + "attn_qkv.weight"]), p + "attn.qkv.bias": zeros(3 * C),
             # x + gate * (W a) = x + (diag(gate) W) a
-            p + "attn.proj.weight": f32(gate_msa[:, None] * sd[p + "attn_out.weight"].double()),
+            p + "attn.proj.weight": _f32(gate_msa[:, None] * sd[p + "attn_out.weight"].double()),
             p + "attn.proj.bias": zeros(C),
-            p + "ln2.weight": f32(sd[p + "norm2.weight"].double() * (1 + scale_mlp)), p + "ln2.bias": f32(shift_mlp),
-            p + "fc.weight": f32(sd[p + "mlp.0.weight"]), p + "fc.bias": f32(sd[p + "mlp.0.bias"]),
-            p + "out.weight": f32(gate_mlp[:, None] * sd[p + "mlp.2.weight"].double()),
-            p + "out.bias": f32(gate_mlp * sd[p + "mlp.2.bias"].double()),
+            p + "ln2.weight": _f32(sd[p + "norm2.weight"].double() * (1 + scale_mlp)), p + "ln2.bias": _f32(shift_mlp),
+            p + "fc.weight": _f32(sd[p + "mlp.0.weight"]), p + "fc.bias": _f32(sd[p + "mlp.0.bias"]),
+            p + "out.weight": _f32(gate_mlp[:, None] * sd[p + "mlp.2.weight"].double()),
+            p + "out.bias": _f32(gate_mlp * sd[p + "mlp.2.bias"].double()),
         })
     mod = sd["output_layer.adaLN_modulation.weight"].double() @ c + sd["output_layer.adaLN_modulation.bias"].double()
     shift, scale = mod.chunk(2)  # (C,) each
-    state.update({"ln_f.weight": f32(sd["output_layer.norm_final.weight"].double() * (1 + scale)),
-                  "ln_f.bias": f32(shift),
-                  "head.weight": f32(sd["output_layer.linear.weight"]), "head.bias": f32(sd["output_layer.linear.bias"])})
+    state.update({"ln_f.weight": _f32(sd["output_layer.norm_final.weight"].double() * (1 + scale)),
+                  "ln_f.bias": _f32(shift),
+                  "head.weight": _f32(sd["output_layer.linear.weight"]), "head.bias": _f32(sd["output_layer.linear.bias"])})
     config = {"vocab_size": V, "n_layer": n_layer, "n_head": n_head, "n_embd": C, "seq_len": seq_len, "causal": False,
               "dropout": dropout, "tie_embeddings": False, "rope_base": 10000.0, "pos_emb": "rope",
               "gelu_approx": "tanh", "head_bias": True}
@@ -197,23 +201,22 @@ def convert_gpt2(sd, n_head, activation="gelu_new", dropout=0.0):
         raise UserError(f"GPT-2 activation {activation!r} is not supported (gelu_new or gelu)")
     wte, wpe = sd["wte.weight"], sd["wpe.weight"]  # (V, C), (P, C)
     n_layer = len([k for k in sd if re.fullmatch(r"h\.\d+\.ln_1\.weight", k)])
-    f32 = lambda t: t.to(torch.float32).contiguous()
     head = sd.get("lm_head.weight", wte)  # the hub files omit it: tied to wte
     tied = head is wte or torch.equal(head, wte)
-    state = {"tok_emb.weight": f32(wte), "pos_emb.weight": f32(wpe)}
+    state = {"tok_emb.weight": _f32(wte), "pos_emb.weight": _f32(wpe)}
     for i in range(n_layer):
         h, p = f"h.{i}.", f"blocks.{i}."
         state.update({
-            p + "ln1.weight": f32(sd[h + "ln_1.weight"]), p + "ln1.bias": f32(sd[h + "ln_1.bias"]),
-            p + "attn.qkv.weight": f32(sd[h + "attn.c_attn.weight"].t()),  # Conv1D (C, 3C) -> Linear (3C, C)
-            p + "attn.qkv.bias": f32(sd[h + "attn.c_attn.bias"]),
-            p + "attn.proj.weight": f32(sd[h + "attn.c_proj.weight"].t()), p + "attn.proj.bias": f32(sd[h + "attn.c_proj.bias"]),
-            p + "ln2.weight": f32(sd[h + "ln_2.weight"]), p + "ln2.bias": f32(sd[h + "ln_2.bias"]),
-            p + "fc.weight": f32(sd[h + "mlp.c_fc.weight"].t()), p + "fc.bias": f32(sd[h + "mlp.c_fc.bias"]),  # (4C, C)
-            p + "out.weight": f32(sd[h + "mlp.c_proj.weight"].t()), p + "out.bias": f32(sd[h + "mlp.c_proj.bias"]),
+            p + "ln1.weight": _f32(sd[h + "ln_1.weight"]), p + "ln1.bias": _f32(sd[h + "ln_1.bias"]),
+            p + "attn.qkv.weight": _f32(sd[h + "attn.c_attn.weight"].t()),  # Conv1D (C, 3C) -> Linear (3C, C)
+            p + "attn.qkv.bias": _f32(sd[h + "attn.c_attn.bias"]),
+            p + "attn.proj.weight": _f32(sd[h + "attn.c_proj.weight"].t()), p + "attn.proj.bias": _f32(sd[h + "attn.c_proj.bias"]),
+            p + "ln2.weight": _f32(sd[h + "ln_2.weight"]), p + "ln2.bias": _f32(sd[h + "ln_2.bias"]),
+            p + "fc.weight": _f32(sd[h + "mlp.c_fc.weight"].t()), p + "fc.bias": _f32(sd[h + "mlp.c_fc.bias"]),  # (4C, C)
+            p + "out.weight": _f32(sd[h + "mlp.c_proj.weight"].t()), p + "out.bias": _f32(sd[h + "mlp.c_proj.bias"]),
         })
-    state.update({"ln_f.weight": f32(sd["ln_f.weight"]), "ln_f.bias": f32(sd["ln_f.bias"]),
-                  "head.weight": state["tok_emb.weight"] if tied else f32(head)})
+    state.update({"ln_f.weight": _f32(sd["ln_f.weight"]), "ln_f.bias": _f32(sd["ln_f.bias"]),
+                  "head.weight": state["tok_emb.weight"] if tied else _f32(head)})
     config = {"vocab_size": wte.shape[0], "n_layer": n_layer, "n_head": n_head, "n_embd": wte.shape[1],
               "seq_len": wpe.shape[0], "causal": True, "dropout": dropout, "tie_embeddings": tied,
               "rope_base": 10000.0, "pos_emb": "learned", "gelu_approx": "none" if activation == "gelu" else "tanh",

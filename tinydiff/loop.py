@@ -153,13 +153,6 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         if path is None:
             last_save = time.time()  # --ckpt_minutes counts from the last ckpt.pt
 
-    def do_eval():
-        t0 = time.time()
-        metrics = evaluate(ema.model if ema else model)
-        history.append({"iter": it, **metrics})
-        tqdm.write(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({time.time() - t0:.1f}s)")
-        return metrics
-
     preempted = []  # SIGTERM (preemption) only sets this flag; the loop stops at the end of the step
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
     model.train()
@@ -167,7 +160,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     print(f"global batch: {args.batch_size} x {args.grad_accum} (accumulation) x {world} (processes) = "
           f"{args.batch_size * args.grad_accum * world} sequences, {tokens_per_step} tokens per step")
     bar = tqdm(total=args.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=not rank0)
-    train_loss, t_start, it_start, metrics, eval_seconds = float("nan"), time.time(), it, {}, 0.0
+    train_loss, t_start, it_start, eval_seconds = float("nan"), time.time(), it, 0.0
     while it < args.max_iters:
         for group in opt.param_groups:
             group["lr"] = lr_at(it, args)
@@ -175,18 +168,20 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             step_seed = args.seed + 1_000_003 * (it * world + rank + 1)
             torch.manual_seed(step_seed)
             rank_gen.manual_seed(step_seed)
-        loss_sum = torch.zeros((), device=device)
+        logged = None  # (1 + len(logs),): the loss and the loss_fn's logs, averaged over micro-batches
         for micro in range(args.grad_accum):
-            # the global batch (batch_size x world rows, the same on every rank); this rank keeps its rows
-            x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"], device)
-            x = x[rank::world]
+            # the global batch (batch_size x world rows, the same on every rank); this rank keeps its rows,
+            # cut on the CPU so only they are copied to the device
+            x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"],
+                         "cpu" if ddp else device)[rank::world].to(device)  # (batch_size, window)
             sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
             noise = data_parallel_noise(gens["noise"], rank, world) if ddp else contextlib.nullcontext()
             with sync:  # DDP all-reduces the gradients in the backward of the last micro-batch only
                 with run["autocast"](), noise:
                     loss, logs = loss_fn(fwd, x, rank_gen if ddp else gens["noise"])
                 (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
+            micro_logs = torch.stack([loss.detach(), *logs.values()]) / args.grad_accum  # (1 + len(logs),)
+            logged = micro_logs if logged is None else logged + micro_logs
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
@@ -198,16 +193,19 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             extra.update(hook(it, {"model": model, "ema": ema, "opt": opt, "checkpoint": checkpoint}) or {})
         stop = dist.agree(bool(preempted))  # every rank stops after the same step (a CPU all-reduce)
         if it % args.log_interval == 0 or it == args.max_iters:
-            train_loss = dist.mean(loss_sum).item()  # the one host sync, every log_interval steps
+            train_loss, *values = dist.mean(logged).tolist()  # the one host sync, every log_interval steps
             tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}",
-                            **{k: f"{v.item():.4f}" for k, v in logs.items()})
+                            **{k: f"{v:.4f}" for k, v in zip(logs, values)})
         bar.update(1)
         if rank0 and (it % args.eval_interval == 0 or it == args.max_iters):
             model.eval()
             t0 = time.time()
-            metrics = do_eval()
-            eval_seconds += time.time() - t0
+            metrics = evaluate(ema.model if ema else model)
+            history.append({"iter": it, **metrics})
+            seconds = time.time() - t0
+            eval_seconds += seconds
+            tqdm.write(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({seconds:.1f}s)")
             model.train()
         due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
         if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
@@ -223,8 +221,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     signal.signal(signal.SIGTERM, previous_handler)
     dist.barrier()  # the final ckpt.pt is on disk before any rank reads it
     elapsed = time.time() - t_start - eval_seconds  # training time only
-    if not metrics and history:
-        metrics = {k: v for k, v in history[-1].items() if k != "iter"}
+    metrics = {k: v for k, v in history[-1].items() if k != "iter"} if history else {}
     return {"iter": it, "train_loss": train_loss, **metrics,
             "tokens_per_sec": (it - it_start) * tokens_per_step / max(elapsed, 1e-9),
             "train_seconds": elapsed, "eval_seconds": eval_seconds, "out_dir": args.out_dir}

@@ -103,7 +103,7 @@ class Attention(nn.Module):
             # cache in the compute dtype (new_cache(dtype=...)): else .to() copies all of it each step
             cache.k[layer].index_copy_(2, input_pos, k.to(cache.k.dtype))
             cache.v[layer].index_copy_(2, input_pos, v.to(cache.v.dtype))
-            n, mask = cache.keys(input_pos) if keys is None else keys  # mask: (T, n) or None
+            n, mask = keys  # from cache.keys(input_pos), made once per forward; mask: (T, n) or None
             y = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :n].to(q.dtype),
                                                cache.v[layer, :, :, :n].to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
