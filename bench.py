@@ -226,11 +226,11 @@ def quality():
         L, b, bos = min(args.seq_len or 10**9, model.cfg.seq_len), args.sample_batch, ck["tokenizer"]["eot_id"]
         if not retok and L - 1 > judge.cfg.seq_len:
             raise UserError(f"{L}-token samples exceed the judge's context {judge.cfg.seq_len}: lower --seq_len")
-        if ck["kind"] == "ar":  # the same fast path as the latency rows
-            cache = model.new_cache(b, L, dtype=wdtype, prefix_only=not modes[-1])
+        if ck["kind"] == "ar":  # the same fast path as the latency rows; L tokens after the start token, as eval.py
+            cache = model.new_cache(b, L + 1, dtype=wdtype, prefix_only=not modes[-1])
             decode = compiled_decode(model, cache, modes[-1])[0]
             start = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (b, 1)
-            generate = lambda K, seed: ar_sample(model, b, L, start, gen(seed), decode=decode, cache=cache)
+            generate = lambda K, seed: ar_sample(model, b, L + 1, start, gen(seed), decode=decode, cache=cache)
         else:
             net = torch.compile(model, dynamic=False) if modes[-1] else model
             generate = lambda K, seed: diffusion_sample(net, b, L, K, ck["mask_id"], generator=gen(seed), device=device)
@@ -238,7 +238,7 @@ def quality():
             generate(K, 999)  # warm-up
             stats, outs = measure(lambda: [generate(K, i) for i in range(n_batches)], device, runs=1, warmup=0)
             samples = torch.cat([x[:, 1:] if ck["kind"] == "ar" else x for x, _ in outs])  # (n, L); AR: no start token
-            judge_tokens = retokenize(samples, tok, judge_tok, judge.cfg.seq_len) if retok else None
+            judge_tokens = retokenize(samples, tok, judge_tok, judge.cfg.seq_len + 1) if retok else None  # it reads L-1
             m = sample_metrics(samples, judge, judge_tokens)
             rows.append({"model": label, "kind": ck["kind"], "steps": K, "nfe": outs[0][1], "samples": len(samples),
                          "ms_per_sample": stats["ms_median"] / len(samples), "gen_ppl": m["gen_ppl"],

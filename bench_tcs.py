@@ -21,6 +21,7 @@ import torch
 from tinydiff.common import UserError, die, emit, load_checkpoint, model_from_checkpoint, pick_device
 from tinydiff.data import DataError, val_windows
 from tinydiff.tcs import tcs_targets, to_dense
+from tinydiff.timing import sync
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--teacher", required=True, help="AR checkpoint (train.py --model ar)")
@@ -35,11 +36,6 @@ parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (1: timings that do not depend on what else the machine runs)")
 args = parser.parse_args()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_estimator(teacher, x, bos, device, **kw):

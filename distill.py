@@ -40,13 +40,7 @@ from tinydiff.model import ModelConfig, Transformer
 from tinydiff.presets import apply_preset
 from tinydiff.sampler import diffusion_sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
-
-try:  # TCS is optional until tinydiff/tcs.py exists (issue 5)
-    from tinydiff import tcs
-except ModuleNotFoundError as e:
-    if e.name != "tinydiff.tcs":
-        raise  # a missing dependency inside tcs.py is a real error, not "TCS not written yet"
-    tcs = None
+from tinydiff.tcs import add_tcs_args, build_tcs
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"], help="sdtt (MDLM teacher) or tcs (AR teacher)")
@@ -66,8 +60,7 @@ parser.add_argument("--n_teacher_steps", type=int, default=2,
 parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
                     help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, mse (log-probs), "
                          "tvd (0.5 sum |p - q|)")
-if tcs is not None:
-    tcs.add_tcs_args(parser)
+add_tcs_args(parser)
 add_run_args(parser)
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
 parser.set_defaults(data=None, tokenizer=None, max_iters=None, lr=None, warmup=None, ema=None, batch_size=None,
@@ -83,9 +76,6 @@ def fill(**defaults):
 
 
 def main():
-    if args.method == "tcs" and tcs is None:
-        raise UserError("--method tcs needs tinydiff/tcs.py (issue 5: TCS distillation), which is not in this "
-                        "checkout yet: use --method sdtt, or update tinydiff")
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
                         f"{'MDLM' if args.method == 'sdtt' else 'AR model'} trained with train.py)")
@@ -183,11 +173,11 @@ def main():
         args.seq_len = args.seq_len or tckpt["config"]["seq_len"]
         fill(lr=1e-3, warmup=100, ema=0.999, batch_size=32, eval_tokens=32768,  # train.py's defaults
              max_iters=2000, eval_interval=250, ckpt_interval=500)
-        init = getattr(args, "init", "scratch")
+        init = args.init
         if init == "scratch":  # a fresh MDLM, the teacher's shape unless --n_layer/--n_head/--n_embd say otherwise
             c = dict(tckpt["config"], causal=False, vocab_size=tok.vocab_size + 1, seq_len=args.seq_len)
             for k in ("n_layer", "n_head", "n_embd"):
-                c[k] = getattr(args, k, None) or c[k]
+                c[k] = getattr(args, k) or c[k]
             student = Transformer(ModelConfig(**c)).to(device)
         else:
             ickpt = load_checkpoint(init)
@@ -196,10 +186,6 @@ def main():
             student = model_from_checkpoint(ickpt, device, use_ema=True).train()
         cfg, mask_id = student.cfg, tok.vocab_size
         meta["sample_steps"] = args.seq_len
-        run_ = {"device": device, "window": args.seq_len}
-        loss_fn, tcs_hooks, meta_extra = tcs.build_tcs(args, student, device, run_)
-        hooks += list(tcs_hooks)
-        meta.update(meta_extra)
 
     if args.seq_len > cfg.seq_len:
         raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: "
@@ -213,8 +199,10 @@ def main():
 
     meta.update(config=cfg.to_dict(), args=vars(args))
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
-    if args.method == "tcs":
-        run.update({k: v for k, v in run_.items() if k not in run})  # e.g. the TCS chunk-grid batcher
+    if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
+        loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
+        hooks += list(tcs_hooks)
+        meta.update(meta_extra)
     summary = train(student, loss_fn, evaluate, args, run, meta, resume, hooks)
 
     # one sample from the final weights at the step count the checkpoint records

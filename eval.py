@@ -42,6 +42,7 @@ from tinydiff.data import DataError, get_tokenizer, prepare
 from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lambada, retokenize, sample_metrics,
                                val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.timing import sync
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
@@ -65,11 +66,6 @@ parser.add_argument("--no_ema", action="store_true", help="use raw weights inste
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network; draws float64, judge float32)")
 args = parser.parse_args()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():
@@ -144,7 +140,6 @@ def main():
         with autocast():
             return model(*a, **k)
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else None  # the KV cache in the compute dtype: no copies
-    net.new_cache = (lambda b, n=None: model.new_cache(b, n, cache_dtype)) if kind == "ar" else None
 
     def judged(samples):  # the samples as the judge reads them
         if judge is None or not retok:
@@ -162,7 +157,7 @@ def main():
                 x, nfe = diffusion_sample(net, b, L, steps, mask_id, generator=gen, device=device)  # (b, L)
             else:  # start from end-of-text, L + 1 tokens in all, drop the start token
                 prompt = torch.full((b, 1), tok.eot_id, dtype=torch.long, device=device)
-                x, nfe = ar_sample(net, b, L + 1, prompt, gen)
+                x, nfe = ar_sample(net, b, L + 1, prompt, gen, cache=model.new_cache(b, L + 1, cache_dtype))
                 x = x[:, 1:]  # (b, L)
             rows.append(x)
             nfes.append(nfe)

@@ -53,7 +53,6 @@ def main():
         with autocast():
             return model(*a, **k)
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else None  # KV cache in the compute dtype
-    net.new_cache = (lambda b, n=None: model.new_cache(b, n, cache_dtype)) if model.cfg.causal else None
 
     prompt = tok.encode(args.prompt)
     if ckpt["kind"] == "ar" and not prompt:
@@ -67,7 +66,8 @@ def main():
         b = min(args.batch_size, args.num_samples - start)
         p = torch.tensor(prompt, dtype=torch.long, device=device).expand(b, -1)  # (b, P)
         if ckpt["kind"] == "ar":
-            x, nfe = ar_sample(net, b, seq_len, p, gen, args.temperature, args.top_k, args.top_p)
+            x, nfe = ar_sample(net, b, seq_len, p, gen, args.temperature, args.top_k, args.top_p,
+                               cache=model.new_cache(b, seq_len, cache_dtype))
             x = x[:, 1:] if not args.prompt else x  # drop the end-of-text start token
         else:
             init = torch.full((b, seq_len), ckpt["mask_id"], dtype=torch.long, device=device)

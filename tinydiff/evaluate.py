@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .common import UserError
 from .data import load_meta, val_windows
-from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, nelbo_terms, sample_times, val_bound
+from .diffusion import (LogLinearSchedule, bound_to_ppl, forward_mask, masked_log_probs, nelbo_terms, sample_times,
+                        val_bound)
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def val_metrics(model, kind, val_x, mask_id=None, draws=2, seed=0, batch_size=32
         nats = ar_nll(model, val_x, batch_size, autocast)
     else:
         nats = val_bound(model, val_x, LogLinearSchedule(), mask_id, draws, seed, batch_size, autocast=autocast)
-    return {"val_loss": nats, "val_ppl": math.exp(min(nats, 700.0))}
+    return {"val_loss": nats, "val_ppl": bound_to_ppl(nats)}
 
 
 def val_window_len(kind, seq_len):
@@ -185,7 +186,7 @@ def sample_metrics(samples, judge=None, judge_tokens=None, batch_size=32):
         per_sample = judge_nll(judge, samples if judge_tokens is None else judge_tokens, batch_size)  # (n,)
         per_sample = per_sample[~per_sample.isnan()]  # a re-encoded sample may be too short to score
         nll = per_sample.mean().item()
-        out.update(gen_nll=nll, gen_ppl=math.exp(min(nll, 700.0)),
+        out.update(gen_nll=nll, gen_ppl=bound_to_ppl(nll),
                    gen_nll_se=(per_sample.std() / math.sqrt(len(per_sample))).item() if len(per_sample) > 1 else None)
     return out
 
@@ -297,6 +298,6 @@ def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, 
                 nll[i] = bound[r].item()
     N = len(inputs)
     mean_nll = sum(nll) / N
-    return {"acc": sum(correct) / N, "nll": mean_nll, "ppl": math.exp(min(mean_nll, 700.0)), "n": N,
+    return {"acc": sum(correct) / N, "nll": mean_nll, "ppl": bound_to_ppl(mean_nll), "n": N,
             "truncated": truncated, "target_tokens": sum(len(ids) - c for ids, c in inputs) / N,
             "correct": correct}

@@ -50,6 +50,7 @@ def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top
     x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)
 
 
+@torch.no_grad()
 def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, schedule=None, generator=None,
                      device="cpu", temperature=1.0, top_k=0, top_p=1.0, eps=1e-5, cache=True):
     """Ancestral sampling of a masked diffusion LM over the grid t_0 = 1 > ... > t_K = eps.
@@ -94,9 +95,7 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
         if logits is None:
             logits = model(x)
             nfe += 1
-        chosen = logits[left].double()
-        chosen[:, mask_id] = float("-inf")
-        x[left] = chosen.argmax(-1)
+        reveal_tokens(x, logits, left, mask_id, temperature=0)  # argmax, the mask excluded
     return x, nfe
 
 

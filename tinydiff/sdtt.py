@@ -67,10 +67,13 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
     """
     dtype = torch.promote_types(student_logp.dtype, torch.float32)
     keep = torch.arange(student_logp.shape[-1], device=student_logp.device) != mask_id  # (V,)
-    ls = student_logp[masked][:, keep].to(dtype)  # (n, V-1)
-    lt = target_logp[masked][:, keep].to(dtype)  # (n, V-1)
+    # every (position, token) outside the masked positions x non-mask tokens gets log-prob 0 on both
+    # sides: it adds exactly 0 to each divergence, with no 0*(-inf) and no data-dependent shape (no sync)
+    sel = masked[..., None] & keep  # (B, L, V)
+    ls = torch.where(sel, student_logp.to(dtype), 0.0)  # (B, L, V)
+    lt = torch.where(sel, target_logp.to(dtype), 0.0)  # (B, L, V)
     if kind == "kl_bwd":
-        per_pos = (ls.exp() * (ls - lt)).sum(-1)  # (n,)
+        per_pos = (ls.exp() * (ls - lt)).sum(-1)  # (B, L)
     elif kind == "kl_fwd":
         per_pos = (lt.exp() * (lt - ls)).sum(-1)
     elif kind == "mse":
@@ -81,7 +84,7 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
         per_pos = 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
     else:
         raise ValueError(f"unknown SDTT divergence {kind!r}: choose one of {', '.join(DIVERGENCES)}")
-    return per_pos.sum() / max(per_pos.numel(), 1)  # mean over masked positions (0 if none)
+    return per_pos.sum() / masked.sum().clamp_min(1)  # mean over masked positions (0 if none)
 
 
 def sdtt_loss(student, teacher, x, teacher_steps, n_steps, mask_id, schedule, generator=None, kind="kl_bwd",

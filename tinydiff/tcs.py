@@ -99,7 +99,7 @@ def _rescore_full(teacher, x, cand, bos_id, vocab_size, W, max_elems):
     row = torch.arange(B, device=dev).repeat_interleave(K).repeat(L)  # (N,) which window
     tok = cand.transpose(0, 1).reshape(-1)  # (N,) substituted token, same (L, B, K) order
     N, out, s = len(pos), [], 0
-    end_of = lambda e: min(L, int(pos[e - 1]) + W + 1)  # tokens needed by jobs [s, e)
+    end_of = lambda e: min(L, (e - 1) // (B * K) + W + 1)  # tokens needed by jobs [s, e): job j is at i = j // BK
     while s < N:
         e = min(N, s + max(1, max_elems // (vocab_size * end_of(s + 1))))
         while e - s > 1 and (e - s) * end_of(e) * vocab_size > max_elems:  # the chunk grew longer: shrink
