@@ -58,8 +58,8 @@ parser.add_argument("--teacher_steps", type=int, default=None,
 parser.add_argument("--n_teacher_steps", type=int, default=2,
                     help="sdtt: teacher steps per target (paper: 2; 4 and 8 did worse)")
 parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
-                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, mse (log-probs), "
-                         "tvd (0.5 sum |p - q|)")
+                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, "
+                         "mse (log-probs, mean over the vocabulary: paper eq. 11), tvd (0.5 sum |p - q|)")
 add_tcs_args(parser)
 add_run_args(parser)
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's

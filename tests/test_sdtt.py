@@ -80,7 +80,7 @@ def brute_force(kind, ls, lt, masked, mask_id):
                 continue
             a, c = ls[b, i, v].item(), lt[b, i, v].item()
             p, q = np.exp(a), np.exp(c)
-            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2, "tvd": 0.5 * abs(p - q)}[kind]
+            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2 / ls.shape[-1], "tvd": 0.5 * abs(p - q)}[kind]
         vals.append(d)
     return sum(vals) / len(vals)
 
@@ -107,6 +107,23 @@ def test_divergence_values_and_gradient(kind):
         stepped = masked_log_probs(student_logits - 1e-3 * grad / grad.norm(), mask_id).double()
         assert divergence(stepped, lt, masked, kind, mask_id) < d
 
+
+
+def test_mse_is_a_mean_over_the_vocabulary_as_the_official_mse_loss():
+    """Paper eq. 11 weights the squared log-prob error by 1/|Ω|; the official `_mse` is F.mse_loss over the
+    (masked positions, vocabulary) entries, i.e. a mean over both. Its [MASK] column carries the same
+    large negative log-prob on both sides (a finite -inf), so it adds 0 and counts in |V|."""
+    g = torch.Generator().manual_seed(3)
+    B, L, V, mask_id = 2, 4, 7, 6
+    ls = masked_log_probs(torch.randn(B, L, V, generator=g, dtype=torch.float64), mask_id)  # (B, L, V)
+    lt = masked_log_probs(torch.randn(B, L, V, generator=g, dtype=torch.float64), mask_id)
+    masked = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    finite = lambda lp: lp.clamp_min(-1e6)  # the official code's finite stand-in for -inf
+    official = torch.nn.functional.mse_loss(finite(ls)[masked], finite(lt)[masked])  # mean over 4 x 7 entries
+    assert divergence(ls, lt, masked, "mse", mask_id).item() == pytest.approx(official.item(), rel=1e-12)
+    by_hand = sum(((ls[b, i, v] - lt[b, i, v]) ** 2).item() for b, i in masked.nonzero().tolist()
+                  for v in range(V - 1)) / (4 * V)
+    assert divergence(ls, lt, masked, "mse", mask_id).item() == pytest.approx(by_hand, rel=1e-12)
 
 # ----------------------------------------------------------------------------- ground truth: distillation works
 
