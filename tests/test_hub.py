@@ -153,6 +153,34 @@ def test_load_mdlm_owt_offline(tmp_path, monkeypatch):
         torch.testing.assert_close(model(idx), reference_dit(sd, idx, 2), atol=1e-5, rtol=1e-5)
 
 
+SDTT_CONFIG = {"time_conditioning": False, "model": {"type": "ddit-orig", "n_heads": 2, "length": 16, "dropout": 0.1},
+               "parameterization": {"orig_num_sampling_steps": 1024, "grow_dt_every": 10000,
+                                    "min_num_sampling_steps": 8}}
+
+
+def test_sdtt_student_load_says_raw_weights(tmp_path, monkeypatch, capsys):
+    """SDTT's Hub revisions hold the raw state_dict (its push_to_hub), while the paper evaluates the EMA:
+    loading one says so; MDLM's own repository gets no such note."""
+    fake_repo(tmp_path, monkeypatch, SDTT_CONFIG, random_dit(V=50258, C=16, H=2, n_blocks=1,
+                                                             prefix="backbone.backbone."))
+    ckpt = load_checkpoint("hf:jdeschena/sdtt@baselines_kld_step_70000")
+    assert ckpt["sample_steps"] == 8
+    out = capsys.readouterr().out
+    assert "RAW (non-EMA)" in out and "EMA weights" in out
+    load_checkpoint("hf:kuleshov-group/mdlm-owt")
+    assert "non-EMA" not in capsys.readouterr().out
+
+
+def test_dit_without_time_embedder_is_a_clear_error(tmp_path, monkeypatch):
+    """A Hub revision of another model type (SDTT's non-adaptive `ddit`: no sigma_map) is refused with a
+    UserError naming what is missing and the model type, not a KeyError deep in the conversion."""
+    sd = {k: v for k, v in random_dit(V=50258, C=16, H=2, n_blocks=1).items() if "sigma_map" not in k}
+    with pytest.raises(UserError, match="no time embedder"):
+        hub.convert_dit(sd, n_head=2, seq_len=16)
+    fake_repo(tmp_path, monkeypatch, dict(SDTT_CONFIG, model=dict(SDTT_CONFIG["model"], type="ddit")), sd)
+    with pytest.raises(UserError, match=r"jdeschena/sdtt@some_rev \(model type 'ddit'\): .*sigma_map"):
+        load_checkpoint("hf:jdeschena/sdtt@some_rev")
+
 def hub_style_gpt2(V=50257, C=8, H=2, n_layer=1, P=16, seed=0):
     """GPT-2 as its hub files store it: no 'transformer.' prefix, no lm_head, causal-mask buffers."""
     g = torch.Generator().manual_seed(seed)
