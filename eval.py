@@ -18,7 +18,9 @@ GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on th
 What every number is:
 - val PPL: AR exact, MDLM exp(NELBO bound) with --val_draws stratified t per window, seed --seed;
   both kinds score the same --val_tokens held-out tokens v_1..v_nL of val.bin (the AR windows also
-  see the one token before each window: tinydiff.evaluate.heldout_windows).
+  see the one token before each window: tinydiff.evaluate.heldout_windows). A checkpoint that records
+  framing bos_eos (published MDLM/SDTT weights, the paper presets) is scored instead on windows
+  [BOS] + L-2 tokens + [EOS], all L positions counted as in MDLM's val loss (--framing overrides).
 - gen PPL: --num_samples samples of --gen_len tokens; the judge (fp32) scores tokens 2..L of each
   sample given the tokens before them (the first token is context only); per sample the mean NLL;
   gen PPL = exp(mean over samples). The same rule for the diffusion samples, an AR model's own
@@ -38,7 +40,7 @@ import torch
 
 from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
-from tinydiff.data import DataError, get_tokenizer, prepare
+from tinydiff.data import FRAMINGS, DataError, get_tokenizer, prepare
 from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lambada, retokenize, sample_metrics,
                                val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
@@ -62,6 +64,9 @@ parser.add_argument("--limit", type=int, default=None, help="evaluate only the f
 parser.add_argument("--lambada_draws", type=int, default=8, help="stratified t draws per passage for the MDLM bound")
 parser.add_argument("--lambada_batch", type=int, default=64, help="network rows per LAMBADA forward pass")
 parser.add_argument("--data", default=None, help="data source for the held-out text (default: the checkpoint's)")
+parser.add_argument("--framing", default=None, choices=FRAMINGS,
+                    help="held-out windows for val PPL: none, or bos_eos = [BOS] + L-2 tokens + [EOS] as MDLM/SDTT "
+                         "trained (default: the checkpoint's; a published MDLM/SDTT DiT records bos_eos)")
 parser.add_argument("--no_ema", action="store_true", help="use raw weights instead of the EMA (model and judge)")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network; draws float64, judge float32)")
@@ -121,17 +126,22 @@ def main():
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,
               "seed": args.seed, "num_samples": args.num_samples, "gen_len": L, "batch_size": args.batch_size,
               "steps": steps_list if kind == "mdlm" else None, "val_ppl": None}
+    framing = args.framing or ckpt.get("framing", "none")  # how the model's training windows were framed
+    record["val_framing"] = framing
     if args.val_tokens > 0:
         t0 = time.time()
-        val_x, n_scored = heldout_windows(data_dir, kind, context, args.val_tokens)  # (n, L) or (n, L+1)
+        val_x, n_scored = heldout_windows(data_dir, kind, context, args.val_tokens, framing)  # (n, L) or (n, L+1)
         vm = val_metrics(model, kind, val_x.to(device), mask_id, args.val_draws, args.seed, args.batch_size, autocast)
         how = "exact NLL" if kind == "ar" else f"NELBO bound, {args.val_draws} t draws/window"
-        print(f"val: {n_scored:,} held-out tokens (v_1..v_{n_scored} of {data_dir}/val.bin, windows of {context}): "
+        where = (f"v_1..v_{n_scored} of {data_dir}/val.bin, windows of {context}" if framing == "none" else
+                 f"{len(val_x)} windows [BOS] + {context - 2} tokens of {data_dir}/val.bin + [EOS], framing bos_eos"
+                 f" as MDLM/SDTT trained; the two framing positions are scored, as in MDLM's val loss")
+        print(f"val: {n_scored:,} scored positions ({where}): "
               f"loss {vm['val_loss']:.4f} nats/token, PPL {vm['val_ppl']:.3f} ({how}, {time.time() - t0:.1f}s)")
         record.update(val_loss=vm["val_loss"], val_ppl=vm["val_ppl"], val_scored_tokens=n_scored,
                       val_draws=args.val_draws if kind == "mdlm" else None, val_ppl_judge=None)
         if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
-            jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens)
+            jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens, framing)
             record["val_ppl_judge"] = val_metrics(judge, "ar", jx.to(device), batch_size=args.batch_size)["val_ppl"]
             print(f"val: the judge on the same tokens: PPL {record['val_ppl_judge']:.3f} (exact NLL)")
 
@@ -200,6 +210,7 @@ def main():
           " NLL se = standard error of the mean per-sample NLL, in nats)")
     if record["val_ppl"] is not None:
         print(f"val PPL {record['val_ppl']:.3f}" + (" (bound)" if kind == "mdlm" else " (exact)")
+              + f" [windows: framing {framing}]"
               + (f" | judge val PPL {record['val_ppl_judge']:.3f}" if record.get("val_ppl_judge") else ""))
     if lam:
         what = "exact" if kind == "ar" else "NELBO bound"

@@ -174,6 +174,26 @@ def test_heldout_windows_score_the_same_tokens(tmp_path):
     assert val_metrics(Uniform(), "ar", ar)["val_loss"] == pytest.approx(math.log(250))
 
 
+def test_framed_heldout_windows(tmp_path):
+    """framing bos_eos: both kinds get the same windows [eot] + L-2 consecutive val tokens + [eot]; the MDLM
+    bound scores all L positions (MDLM's val loss counts BOS and EOS), the AR model the L-1 after the first."""
+    vals = np.arange(1000, dtype=np.uint16) % 250
+    (tmp_path / "val.bin").write_bytes(vals.tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"val_tokens": len(vals), "eot_id": 250}))
+    mdlm, n1 = heldout_windows(tmp_path, "mdlm", 32, 200, framing="bos_eos")
+    ar, n2 = heldout_windows(tmp_path, "ar", 32, 200, framing="bos_eos")
+    assert mdlm.shape == ar.shape == (6, 32) and torch.equal(mdlm, ar)
+    assert (n1, n2) == (6 * 32, 6 * 31)
+    assert (mdlm[:, 0] == 250).all() and (mdlm[:, -1] == 250).all()
+    assert torch.equal(mdlm[:, 1:-1].flatten(), torch.from_numpy(vals[:6 * 30].astype(np.int64)))
+
+    class Uniform(nn.Module):  # exact NLL log V on every token
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, 251)
+    assert val_metrics(Uniform(), "ar", ar)["val_loss"] == pytest.approx(math.log(251))
+    with pytest.raises(UserError, match="unknown framing"):
+        heldout_windows(tmp_path, "mdlm", 32, 200, framing="bos")
+
 # ---------------------------------------------------------------- LAMBADA with constructed models
 
 PASSAGES = [

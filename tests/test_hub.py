@@ -146,6 +146,9 @@ def test_load_mdlm_owt_offline(tmp_path, monkeypatch):
     assert (ckpt["kind"], ckpt["mask_id"], ckpt["sample_steps"]) == ("mdlm", 50257, 16)
     assert ckpt["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
     assert ckpt["config"]["vocab_size"] == 50258 and ckpt["args"]["data"] == "owt"
+    # MDLM trained on [BOS] + L-2 tokens + [EOS] chunks with residual-only dropout: recorded for later scripts
+    assert ckpt["framing"] == "bos_eos" and ckpt["config"]["dropout_sites"] == "residual"
+    assert model_from_checkpoint(ckpt).blocks[0].attn.dropout == 0.0 and model_from_checkpoint(ckpt).drop.p == 0.0
     save_checkpoint(ckpt, tmp_path / "ckpt.pt")  # self-describing: loads back with no other file
     model = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"))
     idx = torch.randint(0, 50258, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -206,6 +209,7 @@ def test_load_gpt2_offline(tmp_path, monkeypatch):
     assert (ckpt["kind"], ckpt["mask_id"], ckpt["sample_steps"]) == ("ar", None, None)
     c = ckpt["config"]
     assert c["causal"] and c["tie_embeddings"] and c["pos_emb"] == "learned" and c["gelu_approx"] == "tanh"
+    assert ckpt["framing"] == "none" and c.get("dropout_sites", "all") == "all"  # GPT-2: plain text, all sites
     model = model_from_checkpoint(ckpt)
     assert model.head.weight is model.tok_emb.weight
 

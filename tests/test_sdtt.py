@@ -296,6 +296,31 @@ def test_rounds_checkpoints_and_exact_resume(teacher_dir):
         assert s["steps"] == steps and s["nfe"] <= steps + 1
 
 
+@pytest.mark.slow
+def test_framed_teacher_is_distilled_on_framed_windows(tmp_path):
+    """A teacher that records framing bos_eos and residual-only dropout (what hub.py writes for MDLM's DiT):
+    distill.py trains and evaluates on [BOS] + L-2 + [EOS] windows and the student records both; --framing
+    none overrides."""
+    d = tmp_path
+    (d / "tiny.txt").write_text("".join(f"def f{i % 7}(x):\n    return x + {i % 5}\n\n" for i in range(300)))
+    run("train.py", *TINY[:-3], "tiny.txt", "--device", "cpu", "--max_iters", 1, "--eval_interval", 1,
+        "--out_dir", "mdlm", cwd=d)
+    ckpt = load(d / "mdlm" / "ckpt.pt")
+    ckpt["framing"] = "bos_eos"
+    ckpt["config"] = dict(ckpt["config"], dropout=0.1, dropout_sites="residual")
+    torch.save(ckpt, d / "framed.pt")
+    common = ["--teacher", "framed.pt", "--rounds", "1", "--iters_per_round", "2", "--teacher_steps", "8",
+              "--batch_size", "2", "--eval_tokens", "64", "--device", "cpu", "--compile", "false"]
+    p = run("distill.py", *common, "--out_dir", "framed", cwd=d)
+    assert "windows framed as [BOS] + 30 tokens + [EOS]" in p.stdout
+    out = load(d / "framed" / "ckpt.pt")
+    assert out["framing"] == "bos_eos" and out["args"]["framing"] == "bos_eos"
+    assert out["config"]["dropout_sites"] == "residual"
+    p = run("distill.py", *common, "--framing", "none", "--dropout_sites", "all", "--out_dir", "plain", cwd=d)
+    assert "windows framed" not in p.stdout
+    out = load(d / "plain" / "ckpt.pt")
+    assert out["framing"] == "none" and out["config"]["dropout_sites"] == "all"
+
 def check_error(p, *words):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
     lines = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]

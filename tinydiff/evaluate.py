@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import UserError
-from .data import load_meta, val_windows
+from .data import FRAMINGS, frame, load_meta, val_windows
 from .diffusion import (LogLinearSchedule, bound_to_ppl, forward_mask, masked_log_probs, nelbo_terms, sample_times,
                         val_bound)
 
@@ -55,19 +55,29 @@ def val_window_len(kind, seq_len):
     return seq_len + 1 if kind == "ar" else seq_len
 
 
-def heldout_windows(data_dir, kind, seq_len, max_tokens):
+def heldout_windows(data_dir, kind, seq_len, max_tokens, framing="none"):
     """Held-out windows on which an AR and an MDLM model score exactly the same tokens.
 
-    From the start of val.bin take T = n*L + 1 tokens v_0 .. v_{nL} (n = budget // L). The scored
-    tokens are v_1 .. v_{nL} for both kinds:
+    framing "none": from the start of val.bin take T = n*L + 1 tokens v_0 .. v_{nL} (n = budget // L).
+    The scored tokens are v_1 .. v_{nL} for both kinds:
       MDLM: (n, L) windows v_{1+kL} .. v_{(k+1)L}, each scored as a whole (bidirectional bound);
       AR:   (n, L+1) windows v_{kL} .. v_{(k+1)L}: the first token is context only, so an AR model
             sees one token of context more than the MDLM (the only difference left).
-    Returns (windows, number of scored tokens)."""
+    framing "bos_eos" (models trained on MDLM's chunks, tinydiff/data.py frame): both kinds get the same
+    (n, L) windows [EOT] + v_{k(L-2)} .. v_{(k+1)(L-2)-1} + [EOT]. As in MDLM's validation loss, the MDLM
+    bound scores all L positions (the two framing tokens included); the AR model predicts positions
+    1..L-1 from the ones before (MDLM's AR baseline on the same chunks).
+    Returns (windows, number of scored positions)."""
     available = load_meta(data_dir)["val_tokens"]
     if available < seq_len + 1:
         raise UserError(f"the val split of {data_dir} has {available} tokens, fewer than seq_len+1 = {seq_len + 1}: "
                         f"use a smaller --seq_len or a bigger corpus")
+    if framing == "bos_eos":
+        n = max(1, min(max_tokens // seq_len, available // (seq_len - 2)))
+        text = val_windows(data_dir, seq_len - 2, n * (seq_len - 2))  # (n, L-2) consecutive val tokens
+        return frame(text, load_meta(data_dir)["eot_id"]), n * (seq_len - (kind == "ar"))  # (n, L)
+    if framing != "none":
+        raise UserError(f"unknown framing {framing!r}: choose one of {', '.join(FRAMINGS)}")
     n = max(1, min(max_tokens, available - 1) // seq_len)
     flat = val_windows(data_dir, n * seq_len + 1, n * seq_len + 1)[0]  # (nL+1,) the first nL+1 val tokens
     if kind == "ar":

@@ -182,7 +182,7 @@ def convert_dit(sd, n_head, seq_len=1024, dropout=0.0):
                   "head.weight": _f32(sd["output_layer.linear.weight"]), "head.bias": _f32(sd["output_layer.linear.bias"])})
     config = {"vocab_size": V, "n_layer": n_layer, "n_head": n_head, "n_embd": C, "seq_len": seq_len, "causal": False,
               "dropout": dropout, "tie_embeddings": False, "rope_base": 10000.0, "pos_emb": "rope",
-              "gelu_approx": "tanh", "head_bias": True}
+              "gelu_approx": "tanh", "head_bias": True, "dropout_sites": "residual"}  # the official DiT's dropout
     return config, state
 
 
@@ -257,7 +257,9 @@ def make_checkpoint(kind, config, state, sample_steps=None, source=None):
     return {"kind": kind, "config": config, "model": state, "ema": None, "tokenizer": dict(GPT2_TOKENIZER),
             "mask_id": GPT2_TOKENIZER["vocab_size"] if kind == "mdlm" else None,  # 50257, the last embedding row
             "sample_steps": sample_steps, "data_dir": None, "iter": 0, "source": source,
-            # both families were trained on (Open)WebText with the GPT-2 tokenizer at 1024 tokens
+            # both families were trained on (Open)WebText with the GPT-2 tokenizer at 1024 tokens; MDLM/SDTT on
+            # [BOS] + 1022 tokens + [EOS] chunks (module docstring), GPT-2 on plain text
+            "framing": "bos_eos" if kind == "mdlm" else "none",
             "args": {"data": "owt", "tokenizer": "gpt2", "seq_len": config["seq_len"]}}
 
 
