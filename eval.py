@@ -29,7 +29,9 @@ What every number is:
 - sampling: float64 draws, temperature 1, no truncation; NFE = network calls per batch of samples.
 - LAMBADA: last word with its leading space; contexts longer than the model's context are
   left-truncated (the count is printed). MDLM: one forward on context + [MASK]s; bound with
-  --lambada_draws stratified t.
+  --lambada_draws stratified t. Framing (--lambada_framing, printed and in the JSON): by default SDTT's
+  protocol, [BOS] + context + [MASK]s + [EOS] with the EOS clamped ([BOS] + context for an AR model);
+  none = context alone.
 """
 import argparse
 import math
@@ -41,8 +43,8 @@ import torch
 from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
 from tinydiff.data import FRAMINGS, DataError, get_tokenizer, prepare
-from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lambada, retokenize, sample_metrics,
-                               val_metrics)
+from tinydiff.evaluate import (LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada, read_lambada, retokenize,
+                               sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
 from tinydiff.timing import sync
 
@@ -63,6 +65,10 @@ parser.add_argument("--lambada", default=None, help="LAMBADA file, OpenAI jsonl 
 parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N LAMBADA passages")
 parser.add_argument("--lambada_draws", type=int, default=8, help="stratified t draws per passage for the MDLM bound")
 parser.add_argument("--lambada_batch", type=int, default=64, help="network rows per LAMBADA forward pass")
+parser.add_argument("--lambada_framing", default=None, choices=LAMBADA_FRAMINGS,
+                    help="sdtt: [BOS] + context + [MASK]s + [EOS] (EOS clamped; AR: [BOS] + context), as SDTT "
+                         "evaluates both model kinds; none: context + [MASK]s. Default: sdtt (the tokenizer's "
+                         "end-of-text is BOS and EOS)")
 parser.add_argument("--data", default=None, help="data source for the held-out text (default: the checkpoint's)")
 parser.add_argument("--framing", default=None, choices=FRAMINGS,
                     help="held-out windows for val PPL: none, or bos_eos = [BOS] + L-2 tokens + [EOS] as MDLM/SDTT "
@@ -192,9 +198,14 @@ def main():
         passages = read_lambada(args.lambada, args.limit)
         t0 = time.time()
         lam = lambada(net, kind, tok, passages, context, mask_id, args.lambada_draws, args.seed, device=device,
-                      batch_size=args.lambada_batch)
+                      batch_size=args.lambada_batch, framing=args.lambada_framing)
         print(f"LAMBADA: {lam['n']} passages ({args.lambada}), {lam['truncated']} contexts left-truncated to fit the "
               f"context of {context} tokens, {lam['target_tokens']:.2f} target tokens/word ({time.time() - t0:.1f}s)")
+        protocol = {("sdtt", "mdlm"): "[BOS] + context + [MASK] x m + [EOS], EOS clamped (SDTT's eval_lambada)",
+                    ("sdtt", "ar"): "[BOS] + context + target, teacher-forced (SDTT's harness_gpt2 --add_bos)",
+                    ("none", "mdlm"): "context + [MASK] x m, no BOS/EOS",
+                    ("none", "ar"): "context + target, teacher-forced, no BOS"}[lam["framing"], kind]
+        print(f"LAMBADA protocol: framing {lam['framing']}: {protocol}")
 
     # ------------------------------------------------------------------ table and JSON
     f = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -214,13 +225,15 @@ def main():
               + (f" | judge val PPL {record['val_ppl_judge']:.3f}" if record.get("val_ppl_judge") else ""))
     if lam:
         what = "exact" if kind == "ar" else "NELBO bound"
-        print(f"LAMBADA acc {lam['acc']:.4f} | per-word NLL {lam['nll']:.3f} nats ({what}) | n {lam['n']}")
+        print(f"LAMBADA acc {lam['acc']:.4f} | per-word NLL {lam['nll']:.3f} nats ({what}) | n {lam['n']} "
+              f"| framing {lam['framing']}")
 
     record.update(rows=table, gen_ppl={r["row"]: r.get("gen_ppl") for r in table},
                   entropy={r["row"]: r["entropy"] for r in table}, self_bleu={r["row"]: r["self_bleu"] for r in table},
                   nfe={r["row"]: r["nfe"] for r in table}, seconds={r["row"]: r["seconds"] for r in table},
                   lambada_acc=lam and lam["acc"], lambada_nll=lam and lam["nll"], lambada_ppl=lam and lam["ppl"],
                   lambada_n=lam and lam["n"], lambada_truncated=lam and lam["truncated"], lambada_file=args.lambada,
+                  lambada_framing=lam and lam["framing"],
                   lambada_limit=args.limit, lambada_draws=args.lambada_draws if lam and kind == "mdlm" else None)
     emit(record)
 

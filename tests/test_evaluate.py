@@ -242,28 +242,31 @@ def tokenizer_or_skip(name):
         pytest.skip(f"{name} tokenizer unavailable: {e}")
 
 
+@pytest.mark.parametrize("framing", ["sdtt", "none"])
 @pytest.mark.parametrize("tok_name", ["bytes", "gpt2"])
 @pytest.mark.parametrize("kind", ["ar", "mdlm"])
-def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name):
+def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name, framing):
     tok = tokenizer_or_skip(tok_name)
     path = tmp_path / "lambada.jsonl"
     path.write_text("".join(json.dumps({"text": t + ("\n" if i == 1 else "")}) + "\n" for i, t in enumerate(PASSAGES)))
     passages = read_lambada(path)
     assert [p[1] for p in passages] == [" hippopotamus", " Bartholomew", " rainbow"]
     assert all(c + t == p.rstrip() for (c, t), p in zip(passages, PASSAGES))
-    inputs, truncated = _lambada_inputs(tok, passages, kind, seq_len=512)
+    inputs, truncated = _lambada_inputs(tok, passages, kind, 512, framing)
     assert truncated == 0
-    seqs = [ids for ids, _ in inputs]
-    c1, m1 = inputs[1][1], len(seqs[1]) - inputs[1][1]
+    seqs = [ids for ids, _, _ in inputs]
+    c1, m1 = inputs[1][1:]
     assert m1 >= 2, "the test needs a multi-token target"
     mask_id = tok.vocab_size if kind == "mdlm" else None
     vocab = tok.vocab_size + (kind == "mdlm")
-    run = lambda model: lambada(model, kind, tok, passages, 512, mask_id, draws=16, seed=0, batch_size=8)
+    run = lambda model: lambada(model, kind, tok, passages, 512, mask_id, draws=16, seed=0, batch_size=8,
+                                framing=framing)
 
     oracle = run(FakeLM(seqs, vocab, kind == "ar", mask_id))
     assert oracle["acc"] == 1.0 and oracle["n"] == 3 and oracle["correct"] == [True, True, True]
+    assert oracle["framing"] == framing
     per_token = math.log1p((vocab - 1 - (kind == "mdlm")) * math.exp(-FakeLM.LOGIT))  # NLL of the right token
-    words = sum(len(s) - c for s, (_, c) in zip(seqs, inputs))
+    words = sum(m for _, _, m in inputs)
     if kind == "ar":  # exact per-word NLL
         assert oracle["nll"] == pytest.approx(per_token * words / 3, rel=1e-4)
     else:  # a Monte-Carlo bound whose expectation is (1 - eps) * the exact value here
@@ -278,11 +281,76 @@ def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name):
 def test_lambada_truncates_long_contexts_from_the_left():
     tok = get_tokenizer("bytes")
     passages = [split_last_word("abcdefghij klm")]  # context 'abcdefghij', target ' klm'
-    (ids, c), = _lambada_inputs(tok, passages, "mdlm", seq_len=8)[0]
-    assert bytes(ids[:c]) == b"ghij" and bytes(ids[c:]) == b" klm"
-    (ids, c), = _lambada_inputs(tok, passages, "ar", seq_len=8)[0]
+    (ids, c, m), = _lambada_inputs(tok, passages, "mdlm", seq_len=8)[0]
+    assert bytes(ids[:c]) == b"ghij" and bytes(ids[c:]) == b" klm" and m == 4
+    (ids, c, m), = _lambada_inputs(tok, passages, "ar", seq_len=8)[0]
     assert bytes(ids[:c]) == b"fghij"  # an AR model reads context + target minus its last token
     assert _lambada_inputs(tok, passages, "ar", seq_len=64)[1] == 0
+    # SDTT's framing keeps BOS (and the diffusion model's EOS) and truncates the context between them
+    (ids, c, m), = _lambada_inputs(tok, passages, "mdlm", seq_len=10, framing="sdtt")[0]
+    assert ids == [256] + list(b"ghij klm") + [256] and (c, m) == (5, 4)
+    (ids, c, m), = _lambada_inputs(tok, passages, "ar", seq_len=8, framing="sdtt")[0]
+    assert ids == [256] + list(b"ghij klm") and (c, m) == (5, 4)
+
+
+class FramingSensitiveMDLM(nn.Module):
+    """A denoiser whose answer depends on the framing it sees: at every position it predicts the answer
+    byte of that position when the input starts and ends with end-of-text (SDTT's clamped BOS/EOS), and the
+    byte 'x' otherwise. It records its inputs."""
+
+    def __init__(self, answer, eot=256, mask_id=257):
+        super().__init__()
+        self.answer, self.eot, self.mask_id, self.seen = answer, eot, mask_id, []
+
+    def forward(self, idx):
+        self.seen.append(idx.clone())
+        framed = (idx[:, :1] == self.eot) & (idx[:, -1:] == self.eot)  # (B, 1)
+        want = torch.tensor(self.answer, dtype=torch.long)[None, :idx.shape[1]].expand(len(idx), -1)  # (B, T)
+        tok = torch.where(framed, want, torch.full_like(want, ord("x")))
+        return torch.nn.functional.one_hot(tok, self.mask_id + 1).float() * 10  # (B, T, V)
+
+
+class FramingSensitiveAR(nn.Module):
+    """An AR model that predicts the true next byte only when the sequence starts with end-of-text (BOS)."""
+
+    def __init__(self, seq, eot=256):
+        super().__init__()
+        self.seq, self.eot = seq, eot
+
+    def forward(self, idx):
+        framed = idx[:, :1] == self.eot  # (B, 1)
+        nxt = torch.tensor(self.seq[1:idx.shape[1] + 1], dtype=torch.long)[None].expand(len(idx), -1)  # (B, T)
+        tok = torch.where(framed, nxt, torch.full_like(nxt, ord("x")))
+        return torch.nn.functional.one_hot(tok, 257).float() * 10  # (B, T, V)
+
+
+def test_lambada_framing_is_what_the_model_sees():
+    """SDTT's protocol ([BOS] + context + [MASK] x m + [EOS], EOS clamped; [BOS] + context for GPT-2) against
+    none, on models that answer right only when they see the framing; the default is SDTT's."""
+    tok = get_tokenizer("bytes")
+    passages = [split_last_word("the cat sat on the mat")]
+    framed = [256] + list(b"the cat sat on the mat") + [256]
+    model = FramingSensitiveMDLM(framed)
+    run = lambda m, kind, framing: lambada(m, kind, tok, passages, 64, 257 if kind == "mdlm" else None, draws=4,
+                                           seed=0, batch_size=8, framing=framing)
+    out = run(model, "mdlm", "sdtt")
+    assert out["acc"] == 1.0 and out["framing"] == "sdtt"
+    rows = model.seen[0]  # (1 + draws, n): the accuracy row, then the bound's rows
+    assert rows[0].tolist() == [256] + list(b"the cat sat on the") + [257] * 4 + [256]  # [BOS] ctx [MASK]x4 [EOS]
+    assert (rows[:, 0] == 256).all() and (rows[:, -1] == 256).all()  # BOS and EOS clamped in every row
+    assert (rows[:, 1:-5] == rows[0, 1:-5]).all()  # the context too
+    assert out["nll"] < 2 * 4 * math.log1p(256 * math.exp(-10))  # the right token everywhere: ~its exact NLL
+    model.seen.clear()
+    out = run(model, "mdlm", "none")
+    assert out["acc"] == 0.0 and out["framing"] == "none" and out["nll"] > 4
+    assert model.seen[0][0].tolist() == list(b"the cat sat on the") + [257] * 4
+    assert run(FramingSensitiveMDLM(framed), "mdlm", None)["acc"] == 1.0  # the default: SDTT's framing
+
+    ar = FramingSensitiveAR(framed)
+    assert run(ar, "ar", "sdtt")["acc"] == 1.0 and run(ar, "ar", None)["framing"] == "sdtt"
+    assert run(ar, "ar", "none")["acc"] == 0.0
+    with pytest.raises(UserError, match="unknown LAMBADA framing"):
+        run(ar, "ar", "bos")
 
 
 # ---------------------------------------------------------------- eval.py end to end

@@ -234,45 +234,74 @@ def read_lambada(path, limit=None):
     return passages
 
 
-def _lambada_inputs(tok, passages, kind, seq_len):
-    """Tokenize (context, target) pairs -> [(tokens, context length)], contexts left-truncated to fit.
-    The context and the target are tokenized separately: the target keeps its leading space (GPT-2's
-    BPE never merges across it anyway). Returns (inputs, number truncated)."""
+LAMBADA_FRAMINGS = ("sdtt", "none")
+
+
+def lambada_framing(tok, framing=None):
+    """The LAMBADA framing to run: `framing` when given, else SDTT's ("sdtt", the papers' protocol) when the
+    tokenizer has an end-of-text id to frame with, else "none"."""
+    if framing is None:
+        return "sdtt" if tok.eot_id is not None else "none"
+    if framing not in LAMBADA_FRAMINGS:
+        raise UserError(f"unknown LAMBADA framing {framing!r}: choose one of {', '.join(LAMBADA_FRAMINGS)}")
+    if framing == "sdtt" and tok.eot_id is None:
+        raise UserError(f"LAMBADA framing sdtt needs an end-of-text id; the {tok.name} tokenizer has none")
+    return framing
+
+
+def _lambada_inputs(tok, passages, kind, seq_len, framing="none"):
+    """Tokenize (context, target) pairs -> [(tokens, start, m)]: the target's m tokens sit at positions
+    start .. start+m-1 of tokens. Contexts are left-truncated to fit. The context and the target are
+    tokenized separately: the target keeps its leading space (GPT-2's BPE never merges across it anyway).
+
+    framing "none": context + target. "sdtt" (SDTT's eval_lambada and harness_gpt2 --add_bos --add_eos,
+    BOS = EOS = end-of-text): [BOS] + context + target + [EOS] for the diffusion model, whose EOS stays
+    clamped and tells it the passage ends after the word; [BOS] + context + target for an AR model (SDTT's
+    GPT-2 harness appends the EOS too, but a causal model's predictions of the target cannot see it).
+    Returns (inputs, number truncated)."""
+    bos = [tok.eot_id] if framing == "sdtt" else []
+    eos = [tok.eot_id] if framing == "sdtt" and kind == "mdlm" else []
     inputs, truncated = [], 0
     for context, target in passages:
         ctx, tgt = tok.encode(context), tok.encode(target)
-        if not ctx and kind == "ar":
+        if not ctx and not bos and kind == "ar":
             ctx = [tok.eot_id]  # an AR model needs something to predict the first token from
-        room = seq_len - len(tgt) + (kind == "ar")  # AR reads context + target minus its last token
+        room = seq_len - len(tgt) + (kind == "ar") - len(bos) - len(eos)  # AR reads all but the last token
         if room < 1:
             raise UserError(f"a LAMBADA target of {len(tgt)} tokens does not fit in seq_len {seq_len}")
         if len(ctx) > room:
             ctx, truncated = ctx[-room:], truncated + 1
-        inputs.append((ctx + tgt, len(ctx)))
+        inputs.append((bos + ctx + tgt + eos, len(bos) + len(ctx), len(tgt)))
     return inputs, truncated
 
 
 @torch.no_grad()
 def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, autocast=None, device="cpu",
-            batch_size=32):
+            batch_size=32, framing=None):
     """Last-word prediction on LAMBADA (design.md §8), passages = [(context, target)].
 
-    AR: one teacher-forced pass on context + target; correct iff every target token is the argmax
-        given the true tokens before it; per-word NLL = sum of the target tokens' NLLs (exact).
-    MDLM: input = context + [MASK] * len(target), one forward pass; correct iff the argmax (mask
-        excluded) matches at every target position (MDLM's protocol). Per-word NLL: the NELBO bound
-        on -log p(target | context), diffusing only the target positions (context clamped), with
-        `draws` stratified t values; those rows go through the network with the accuracy row.
+    framing (_lambada_inputs): "sdtt" frames every passage as SDTT evaluates it, [BOS] + context +
+    target (+ [EOS], clamped, for the diffusion model); "none" feeds context + target alone. Default
+    (None): "sdtt" when the tokenizer has an end-of-text id (lambada_framing).
+    AR: one teacher-forced pass on the input; correct iff every target token is the argmax given the
+        true tokens before it; per-word NLL = sum of the target tokens' NLLs (exact).
+    MDLM: the input with every target token masked, one forward pass; correct iff the argmax (mask
+        excluded) matches at every target position (SDTT's eval_lambada; MDLM's paper has no LAMBADA
+        accuracy). Per-word NLL: the NELBO bound on -log p(target | the rest), diffusing only the
+        target positions (context and framing clamped), with `draws` stratified t values; those rows
+        go through the network with the accuracy row.
     Contexts longer than the model allows are left-truncated (counted in "truncated"). Passages whose
     inputs have the same length share a forward pass (no padding: it would change what a
     bidirectional model sees); batch_size bounds the rows of one pass.
-    Returns {"acc", "nll" (nats per word, mean), "ppl" (exp nll), "n", "truncated", "target_tokens"}.
+    Returns {"acc", "nll" (nats per word, mean), "ppl" (exp nll), "n", "truncated", "target_tokens",
+    "framing", "correct"}.
     """
+    framing = lambada_framing(tok, framing)
     autocast = autocast or contextlib.nullcontext
     schedule, gen = LogLinearSchedule(), torch.Generator(device=device).manual_seed(seed)
-    inputs, truncated = _lambada_inputs(tok, passages, kind, seq_len)
+    inputs, truncated = _lambada_inputs(tok, passages, kind, seq_len, framing)
     by_len = {}
-    for i, (ids, c) in enumerate(inputs):
+    for i, (ids, c, m) in enumerate(inputs):
         by_len.setdefault(len(ids), []).append(i)
     rows_each = 1 if kind == "ar" else 1 + draws  # network rows per passage
     per_pass = max(1, batch_size // rows_each)
@@ -281,33 +310,36 @@ def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, 
         for start in range(0, len(idx), per_pass):
             chunk = idx[start:start + per_pass]
             x = torch.tensor([inputs[i][0] for i in chunk], dtype=torch.long, device=device)  # (g, n)
-            ctx = [inputs[i][1] for i in chunk]
+            spans = [inputs[i][1:] for i in chunk]  # (start, m) of each target
             if kind == "ar":
                 with autocast():
                     logits = model(x[:, :-1])  # (g, n-1, V): row j predicts token j+1
-                for r, (i, c) in enumerate(zip(chunk, ctx)):
-                    logp = F.log_softmax(logits[r, c - 1:].float(), -1)  # (m, V): the rows that predict the target
-                    correct[i] = bool((logp.argmax(-1) == x[r, c:]).all())
-                    nll[i] = -logp.gather(-1, x[r, c:, None]).sum().item()
+                for r, (i, (c, m)) in enumerate(zip(chunk, spans)):
+                    logp = F.log_softmax(logits[r, c - 1:c - 1 + m].float(), -1)  # (m, V): rows predicting the target
+                    correct[i] = bool((logp.argmax(-1) == x[r, c:c + m]).all())
+                    nll[i] = -logp.gather(-1, x[r, c:c + m, None]).sum().item()
                 continue
             g = len(chunk)
             row0 = x.clone()
-            keep = torch.arange(n, device=device)[None, :] < torch.tensor(ctx, device=device)[:, None]  # (g, n) context
+            pos = torch.arange(n, device=device)[None, :]  # (1, n)
+            lo = torch.tensor([c for c, _ in spans], device=device)[:, None]  # (g, 1) first target position
+            hi = lo + torch.tensor([m for _, m in spans], device=device)[:, None]  # (g, 1) one past the last
+            keep = (pos < lo) | (pos >= hi)  # (g, n): context and framing, clamped
             row0[~keep] = mask_id  # the accuracy inputs: every target token masked
             t = torch.cat([sample_times(draws, gen, device) for _ in chunk])  # (g*K,) stratified per passage
             xk = x.repeat_interleave(draws, 0)  # (g*K, n)
             z = forward_mask(xk, t, schedule, mask_id, gen)  # (g*K, n)
-            z = torch.where(keep.repeat_interleave(draws, 0), xk, z)  # the context is clamped
+            z = torch.where(keep.repeat_interleave(draws, 0), xk, z)  # context and framing clamped
             with autocast():
                 logits = model(torch.cat([row0, z]))  # (g + g*K, n, V)
             pred = masked_log_probs(logits[:g], mask_id).argmax(-1)  # (g, n), mask excluded
             terms = nelbo_terms(logits[g:], xk, z, t, schedule, mask_id).view(g, draws, n)  # (g, K, n)
             bound = terms.sum(-1).double().mean(-1)  # (g,): bound on -log p(target | context), nats
-            for r, (i, c) in enumerate(zip(chunk, ctx)):
-                correct[i] = bool((pred[r, c:] == x[r, c:]).all())
+            for r, (i, (c, m)) in enumerate(zip(chunk, spans)):
+                correct[i] = bool((pred[r, c:c + m] == x[r, c:c + m]).all())
                 nll[i] = bound[r].item()
     N = len(inputs)
     mean_nll = sum(nll) / N
     return {"acc": sum(correct) / N, "nll": mean_nll, "ppl": bound_to_ppl(mean_nll), "n": N,
-            "truncated": truncated, "target_tokens": sum(len(ids) - c for ids, c in inputs) / N,
+            "truncated": truncated, "target_tokens": sum(m for _, _, m in inputs) / N, "framing": framing,
             "correct": correct}
