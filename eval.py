@@ -23,8 +23,11 @@ What every number is:
   [BOS] + L-2 tokens + [EOS], all L positions counted as in MDLM's val loss (--framing overrides).
 - gen PPL: --num_samples samples of --gen_len tokens; the judge (fp32) scores tokens 2..L of each
   sample given the tokens before them (the first token is context only); per sample the mean NLL;
-  gen PPL = exp(mean over samples). The same rule for the diffusion samples, an AR model's own
-  samples (started from end-of-text, which the judge does not see) and real held-out text.
+  gen PPL = exp(mean over samples) (--gen_ppl_protocol sdtt, the default: SDTT's run_eval.py). The same
+  rule for the diffusion samples, an AR model's own samples (started from end-of-text, which the judge
+  does not see) and real held-out text. --gen_ppl_protocol mdlm is MDLM's compute_generative_perplexity
+  instead (decode, re-tokenise, judge-context chunks, token mean over the set, EOS after the first
+  dropped: tinydiff.evaluate.corpus_nll); the table, the rows and the JSON name the protocol.
 - entropy: unigram entropy (nats) of each sample, averaged; self-BLEU-4 over the sample set.
 - sampling: float64 draws, temperature 1, no truncation; NFE = network calls per batch of samples.
 - LAMBADA: last word with its leading space; contexts longer than the model's context are
@@ -43,14 +46,19 @@ import torch
 from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
 from tinydiff.data import FRAMINGS, DataError, get_tokenizer, prepare
-from tinydiff.evaluate import (LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada, read_lambada, retokenize,
-                               sample_metrics, val_metrics)
+from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
+                               mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
 from tinydiff.timing import sync
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
 parser.add_argument("--judge", default=None, help="AR checkpoint that scores the samples (gen PPL); none: no gen PPL")
+parser.add_argument("--gen_ppl_protocol", default="sdtt", choices=GEN_PPL_PROTOCOLS,
+                    help="sdtt: the judge reads the sampled ids, per-sample mean NLL averaged over samples, every EOS "
+                         "counted (SDTT's run_eval.py); mdlm: decode, re-tokenise for the judge, score in judge-context "
+                         "chunks, token mean over the whole set, EOS after the first dropped (MDLM's "
+                         "compute_generative_perplexity, used for the MDLM-family numbers)")
 parser.add_argument("--retokenize", action="store_true",
                     help="allow a judge with another tokenizer: decode the samples to text and re-encode them")
 parser.add_argument("--steps", default=None,
@@ -77,6 +85,12 @@ parser.add_argument("--no_ema", action="store_true", help="use raw weights inste
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network; draws float64, judge float32)")
 args = parser.parse_args()
+GEN_PPL_ABOUT = {
+    "sdtt": "the judge reads the sampled ids (or their re-encoding); per sample the mean NLL of tokens 2..L, "
+            "every EOS counted; gen PPL = exp(mean over samples) (SDTT's run_eval.py)",
+    "mdlm": "samples decoded and re-tokenised for the judge, padded with EOS in groups of 8, scored in chunks of "
+            "the judge's context, EOS after a chunk's first dropped; gen PPL = exp(total NLL / scored tokens) "
+            "(MDLM's compute_generative_perplexity)"}
 
 
 def main():
@@ -111,16 +125,18 @@ def main():
             jckpt = load_checkpoint(args.judge)
         except UserError as e:
             raise UserError(f"judge: {e}") from None
-        retok = check_judge(jckpt, tok, args.retokenize, args.judge)
+        mdlm_ppl = args.gen_ppl_protocol == "mdlm"  # decoding and re-encoding is part of MDLM's protocol
+        retok = check_judge(jckpt, tok, args.retokenize or mdlm_ppl, args.judge)
         judge_tok = get_tokenizer(jckpt["tokenizer"]["name"])
         judge = model_from_checkpoint(jckpt, device, use_ema=not args.no_ema)
-        if not retok and L - 1 > judge.cfg.seq_len:
+        if not retok and not mdlm_ppl and L - 1 > judge.cfg.seq_len:
             raise UserError(f"the judge's context {judge.cfg.seq_len} is too short for samples of {L} tokens "
                             f"(it reads L-1): use --gen_len {judge.cfg.seq_len + 1} or less")
         print(f"judge {args.judge}: {judge.num_params() / 1e6:.2f}M parameters, context {judge.cfg.seq_len}, "
               f"tokenizer {judge_tok.name}" + (f" -- samples are DECODED to text and RE-ENCODED with {judge_tok.name}"
                                                f" (tokenizers differ), at most {judge.cfg.seq_len + 1} tokens each"
                                                if retok else ""))
+        print(f"gen PPL protocol {args.gen_ppl_protocol}: " + GEN_PPL_ABOUT[args.gen_ppl_protocol])
         if os.path.abspath(args.judge) == os.path.abspath(args.ckpt):
             print("note: the judge is the evaluated model itself: its gen PPL is circular (its own entropy rate)")
 
@@ -158,9 +174,15 @@ def main():
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else None  # the KV cache in the compute dtype: no copies
 
     def judged(samples):  # the samples as the judge reads them
+        if judge is not None and args.gen_ppl_protocol == "mdlm":
+            return mdlm_judge_tokens(samples, tok, judge_tok, samples.shape[1])  # truncated to the sample length
         if judge is None or not retok:
             return None
         return retokenize(samples, tok, judge_tok, judge.cfg.seq_len + 1)
+
+    def metrics(samples):
+        return sample_metrics(samples, judge, judged(samples), args.batch_size, args.gen_ppl_protocol,
+                              judge_tok and judge_tok.eot_id, judge and judge.cfg.seq_len)
 
     def generate(steps):
         """num_samples samples (n, L), mean NFE per batch, seconds. The same seed for every row."""
@@ -183,14 +205,14 @@ def main():
     table = []
     for steps in (steps_list if kind == "mdlm" else [None]):
         x, nfe, seconds = generate(steps)
-        m = sample_metrics(x, judge, judged(x), args.batch_size)
+        m = metrics(x)
         label = str(steps) if kind == "mdlm" else "ar"
         table.append({"row": label, "steps": steps if kind == "mdlm" else L, "nfe": nfe, "seconds": seconds,
                       "tokens_per_sec": len(x) * L / seconds, **m})
         print(f"{label:>6}: {tok.decode(x[0, :120].tolist())!r}")
     real = heldout_windows(data_dir, "mdlm", L, args.num_samples * L)[0][:args.num_samples].to(device)  # (n', L)
     table.append({"row": "real", "steps": None, "nfe": None, "seconds": None, "tokens_per_sec": None,
-                  **sample_metrics(real, judge, judged(real), args.batch_size), "num_samples": len(real)})
+                  **metrics(real), "num_samples": len(real)})
 
     # ------------------------------------------------------------------ LAMBADA
     lam = None
@@ -210,15 +232,16 @@ def main():
     # ------------------------------------------------------------------ table and JSON
     f = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
     print(f"\n{kind} {args.ckpt} | {args.num_samples} samples x {L} tokens, seed {args.seed} | judge {args.judge}"
-          + (" (re-encoded)" if retok else ""))
+          + (" (re-encoded)" if retok else "") + (f" | gen PPL protocol {args.gen_ppl_protocol}" if judge else ""))
     print(f"{'row':>6} {'steps':>6} {'NFE':>7} {'seconds':>8} {'gen PPL':>9} {'(NLL se)':>8} {'entropy':>8} "
-          f"{'self-BLEU':>9}")
+          f"{'self-BLEU':>9} {'protocol':>8}")
     for r in table:
         print(f"{r['row']:>6} {f(r['steps'], 'd'):>6} {f(r['nfe'], '.1f'):>7} {f(r['seconds'], '.2f'):>8} "
               f"{f(r.get('gen_ppl'), '.3f'):>9} {f(r.get('gen_nll_se'), '.4f'):>8} {f(r['entropy'], '.4f'):>8} "
-              f"{f(r['self_bleu'], '.4f'):>9}")
+              f"{f(r['self_bleu'], '.4f'):>9} {r.get('gen_ppl_protocol') or '-':>8}")
     print("(real = held-out text windows of the same length; entropy = unigram entropy in nats, per sample, averaged;"
-          " NLL se = standard error of the mean per-sample NLL, in nats)")
+          " NLL se = standard error of the gen NLL in nats: sdtt, of the mean per-sample NLL; mdlm, of the token"
+          " mean, ratio estimator over samples)")
     if record["val_ppl"] is not None:
         print(f"val PPL {record['val_ppl']:.3f}" + (" (bound)" if kind == "mdlm" else " (exact)")
               + f" [windows: framing {framing}]"
@@ -229,6 +252,7 @@ def main():
               f"| framing {lam['framing']}")
 
     record.update(rows=table, gen_ppl={r["row"]: r.get("gen_ppl") for r in table},
+                  gen_ppl_protocol=args.gen_ppl_protocol if judge else None,
                   entropy={r["row"]: r["entropy"] for r in table}, self_bleu={r["row"]: r["self_bleu"] for r in table},
                   nfe={r["row"]: r["nfe"] for r in table}, seconds={r["row"]: r["seconds"] for r in table},
                   lambada_acc=lam and lam["acc"], lambada_nll=lam and lam["nll"], lambada_ppl=lam and lam["ppl"],

@@ -24,8 +24,9 @@ import torch.nn as nn
 from harness import exact_sampler_law, z_threshold
 from tinydiff.common import UserError
 from tinydiff.data import get_tokenizer
-from tinydiff.evaluate import (_lambada_inputs, check_judge, heldout_windows, judge_nll, lambada, mean_entropy,
-                               read_lambada, sample_metrics, self_bleu, split_last_word, unigram_entropy, val_metrics)
+from tinydiff.evaluate import (_lambada_inputs, check_judge, corpus_nll, heldout_windows, judge_nll, lambada,
+                               mdlm_judge_tokens, mean_entropy, read_lambada, sample_metrics, self_bleu,
+                               split_last_word, unigram_entropy, val_metrics)
 from tinydiff.sampler import diffusion_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -108,6 +109,104 @@ def test_gen_ppl_of_diffusion_samples_follows_the_exact_sampler_law(toy, oracle,
         got = judge_nll(NoBOSJudge(oracle_ar), x, batch_size=4096).mean().item()
         assert abs(got - exact[K]) < z_threshold(ALPHA, 2) * se, (K, got, exact[K])
 
+
+# ---------------------------------------------------------------- the two gen PPL protocols, by hand
+
+class BigramJudge(nn.Module):
+    """A causal judge with a known table: log p(next = w | current = v) = log_softmax(table[v])[w]."""
+
+    def __init__(self, V=257, seed=0):
+        super().__init__()
+        self.table = torch.randn(V, V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+
+    def forward(self, idx):
+        return self.table[idx].float()  # (B, T, V)
+
+    def logp(self, v, w):
+        return torch.log_softmax(self.table[v], -1)[w].item()
+
+
+EOT = 256
+
+
+def byte_samples(rows, L=24):
+    """(n, L) byte-tokenizer samples from pieces: str -> its bytes, None -> end-of-text; padded with 'z'."""
+    out = []
+    for pieces in rows:
+        ids = [t for p in pieces for t in ([EOT] if p is None else list(p.encode()))]
+        out.append(ids + [ord("z")] * (L - len(ids)))
+    assert all(len(r) == L for r in out)
+    return torch.tensor(out)
+
+
+ROWS = [["ab . cd", None, "e", None, "gh"],  # two end-of-texts in one chunk: MDLM keeps only the first
+        ["it 's here ."],  # clean-up shortens it by two bytes; no end-of-text: its first pad gets scored
+        ["no end in this one at all"[:24]],  # the longest of the group: no padding, no end-of-text scored
+        [None, "starts with one", None]]
+
+
+def test_sdtt_gen_ppl_by_hand():
+    """SDTT's run_eval: the judge reads the ids as sampled; per sample the mean NLL of tokens 2..L with every
+    end-of-text counted; gen NLL = the mean over samples, gen PPL = exp of it."""
+    x, judge = byte_samples(ROWS), BigramJudge()
+    per = [sum(-judge.logp(r[j - 1], r[j]) for j in range(1, len(r))) / (len(r) - 1) for r in x.tolist()]
+    m = sample_metrics(x, judge, batch_size=3)
+    assert m["gen_ppl_protocol"] == "sdtt"
+    assert m["gen_nll"] == pytest.approx(sum(per) / len(per), rel=1e-6)
+    assert m["gen_ppl"] == pytest.approx(math.exp(sum(per) / len(per)), rel=1e-6)
+    assert m["gen_nll_se"] == pytest.approx(np.std(per, ddof=1) / math.sqrt(len(per)), rel=1e-5)
+
+
+def test_mdlm_gen_ppl_by_hand():
+    """MDLM's compute_generative_perplexity, written out: batch_decode (end-of-text as <|endoftext|>,
+    transformers' clean-up), re-tokenise (truncated to the model length), pad each group of 8 with end-of-text,
+    chunks of the judge's context, score tokens 2.. of each chunk except end-of-texts after the chunk's first;
+    gen NLL = total NLL / total scored tokens."""
+    tok, judge, L, ctx = get_tokenizer("bytes"), BigramJudge(), 24, 10
+    x = byte_samples(ROWS, L)
+    cleanup = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+               (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+    seqs = []
+    for r in x.tolist():  # the decoded text as one string, cleaned, then re-encoded around the special token
+        text = "".join("<|endoftext|>" if t == EOT else chr(t) for t in r)
+        for a, b in cleanup:
+            text = text.replace(a, b)
+        ids = []
+        for k, part in enumerate(text.split("<|endoftext|>")):
+            ids += ([EOT] if k else []) + list(part.encode())
+        seqs.append(ids[:L])
+    assert seqs[1][:10] == list(b"it's here.") and len(seqs[1]) == L - 2
+    T = max(len(q) for q in seqs)  # one group: all 4 samples padded together
+    total = count = 0.0
+    for q in seqs:
+        q = q + [EOT] * (T - len(q))
+        for lo in range(0, T, ctx):
+            chunk, seen = q[lo:lo + ctx], 0
+            for j, t in enumerate(chunk):
+                seen += t == EOT
+                if j > 0 and (t != EOT or seen == 1):
+                    total, count = total + -judge.logp(chunk[j - 1], t), count + 1
+    got = mdlm_judge_tokens(x, tok, tok, L)
+    assert [g.tolist() for g in got] == seqs
+    m = sample_metrics(x, judge, got, protocol="mdlm", judge_eot=EOT, judge_context=ctx)
+    assert m["gen_ppl_protocol"] == "mdlm" and m["gen_tokens"] == count
+    assert m["gen_nll"] == pytest.approx(total / count, rel=1e-6)
+    assert m["gen_ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    # per sample: the ratio estimator's standard error, and the quirks one at a time
+    sums, counts = corpus_nll(judge, got, EOT, ctx)
+    assert sums.sum().item() == pytest.approx(total, rel=1e-6) and counts.sum().item() == count
+    r = total / count
+    se = math.sqrt(((sums - r * counts) ** 2).sum().item() / (4 * 3)) / counts.mean().item()
+    assert m["gen_nll_se"] == pytest.approx(se, rel=1e-6)
+    # every row is padded to 24 (sample 2), chunks of 10, 10, 4: 9 + 9 + 3 = 21 scored positions at most
+    assert len(seqs[0]) == 23 and counts[0].item() == 21 - 1  # its end-of-text at 8 follows the one at 6: dropped
+    assert len(seqs[1]) == 22 and counts[1].item() == 21 - 1  # pads at 22, 23: the first is scored as its end
+    assert len(seqs[2]) == 24 and counts[2].item() == 21
+    assert counts[3].item() == 21  # end-of-text at 0 is context; the one at 16 is chunk 2's first: scored
+    # the two protocols differ on the same samples: say which one produced a number
+    assert abs(sample_metrics(x, judge)["gen_nll"] - m["gen_nll"]) > 1e-3
+    with pytest.raises(UserError, match="unknown gen PPL protocol"):
+        sample_metrics(x, judge, protocol="duo")
 
 # ---------------------------------------------------------------- entropy, self-BLEU
 
@@ -431,3 +530,41 @@ def test_check_judge():
     with pytest.raises(UserError, match="--retokenize"):
         check_judge(other, bytes_tok, False, "j.pt")
     assert check_judge(other, bytes_tok, retokenize=True, path="j.pt") is True
+
+
+@pytest.mark.slow
+def test_eval_script_names_every_protocol(tmp_path):
+    """eval.py on a checkpoint that records framing bos_eos (as hub.py writes for MDLM's DiT): the val bound on
+    framed windows, gen PPL under MDLM's protocol, LAMBADA under SDTT's framing by default; each named in the
+    output and the JSON. Then the other protocols by flag. Everything generated here (bytes, tiny corpus)."""
+    (tmp_path / "tiny.txt").write_text("".join(f"def f{i % 7}(x):\n    return x + {i % 5}\n\n" for i in range(300)))
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    tiny = [*TINY[:-1], "tiny.txt", "--device", "cpu", "--compile", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *tiny, *extra], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in (["--model", "ar", "--out_dir", "ar"], ["--framing", "bos_eos", "--out_dir", "mdlm"])]
+    for p in train:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert torch.load(tmp_path / "mdlm" / "ckpt.pt", weights_only=False)["framing"] == "bos_eos"
+    common = ["--ckpt", "mdlm/ckpt.pt", "--judge", "ar/ckpt.pt", "--steps", "2", "--num_samples", "3",
+              "--batch_size", "3", "--val_tokens", "64", "--lambada", "lambada.jsonl", "--lambada_draws", "2",
+              "--device", "cpu"]
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *common, *extra], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["--gen_ppl_protocol", "mdlm"],
+                          ["--framing", "none", "--lambada_framing", "none"])]
+    (paper, plain) = [(p, *p.communicate(timeout=300)) for p in runs]
+    for p, out, err in (paper, plain):
+        assert p.returncode == 0, err[-2000:]
+    p, out, _ = paper
+    js = json.loads(out.strip().splitlines()[-1])
+    assert js["val_framing"] == "bos_eos" and "framing bos_eos" in out
+    assert js["gen_ppl_protocol"] == "mdlm" and "gen PPL protocol mdlm" in out
+    assert all(r["gen_ppl_protocol"] == "mdlm" and r["gen_ppl"] > 1 for r in js["rows"])
+    assert js["lambada_framing"] == "sdtt" and "LAMBADA protocol: framing sdtt: [BOS] + context + [MASK]" in out
+    p, out, _ = plain
+    js = json.loads(out.strip().splitlines()[-1])
+    assert (js["val_framing"], js["gen_ppl_protocol"], js["lambada_framing"]) == ("none", "sdtt", "none")
+    assert all(r["gen_ppl_protocol"] == "sdtt" for r in js["rows"])

@@ -2,15 +2,18 @@
 
 - val PPL: AR exact next-token NLL; MDLM the NELBO bound (Sahoo et al. 2024, eq. 10), both on the
   same held-out tokens (heldout_windows).
-- generative perplexity: an AR judge scores samples (judge_nll); gen PPL = exp(mean over samples of
+- generative perplexity, two protocols (GEN_PPL_PROTOCOLS; section "MDLM's protocol" below):
+  "sdtt": an AR judge scores samples (judge_nll); gen PPL = exp(mean over samples of
   each sample's mean next-token NLL). Convention, identical for every sample set (diffusion samples,
   the AR model's own samples, real text): the judge scores tokens 2..L of a sample given the tokens
   before them; the first token is context only (as MDLM's generative-perplexity code does: logits of
   x[:-1] against x[1:]). No BOS is prepended: windows of the corpus start mid-document, and an
-  end-of-text prefix would score the first token as the start of a document.
+  end-of-text prefix would score the first token as the start of a document. "mdlm": decode,
+  re-tokenise, chunked scoring, token mean over the set (mdlm_judge_tokens, corpus_nll).
 - unigram entropy of each sample (nats), averaged: low when text is degenerate (Zheng et al. 2024).
 - self-BLEU over a sample set (Zhu et al. 2018, Texygen): high when samples repeat each other.
-- LAMBADA (Paperno et al. 2016, OpenAI jsonl): last-word accuracy and per-word NLL / NELBO bound.
+- LAMBADA (Paperno et al. 2016, OpenAI jsonl): last-word accuracy and per-word NLL / NELBO bound, framed
+  as SDTT evaluates it ([BOS] + context + [MASK]s + [EOS]) by default, or not (LAMBADA_FRAMINGS).
 """
 import contextlib
 import json
@@ -188,16 +191,112 @@ def self_bleu(samples, max_n=4, smooth=0.1):
     return sum(scores) / S
 
 
-def sample_metrics(samples, judge=None, judge_tokens=None, batch_size=32):
+# ----------------------------------------------------------------------------- gen PPL, MDLM's protocol
+#
+# Two generative-perplexity protocols are in use, and their numbers differ:
+#   "sdtt" (SDTT's run_eval.py; judge_nll above): the judge reads the sample's own token ids; per sample the
+#          mean NLL of tokens 2..L; gen PPL = exp(mean over samples); every end-of-text token is scored.
+#   "mdlm" (MDLM's compute_generative_perplexity, behind the MDLM-family numbers of the literature, e.g. 105
+#          at 1024 steps): decode every sample to text and re-tokenise it for the judge (mdlm_judge_tokens),
+#          pad each group of MDLM_PPL_BATCH samples to its longest with end-of-text, cut the rows into chunks
+#          of the judge's context and score each chunk's tokens 2.. (corpus_nll); an end-of-text token counts
+#          only when it is the first of its chunk; gen PPL = exp(token-weighted mean over the whole set).
+
+GEN_PPL_PROTOCOLS = ("sdtt", "mdlm")
+MDLM_PPL_BATCH = 8  # MDLM's eval.perplexity_batch_size: the samples padded together (a pad can be scored, below)
+# transformers' clean_up_tokenization, on by default for GPT-2 in the transformers 4.38.2 that MDLM pins: its
+# batch_decode drops the space before these (so the judge re-encodes " ." as ".", and so on)
+_HF_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+               (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def hf_cleanup(text):
+    for a, b in _HF_CLEANUP:
+        text = text.replace(a, b)
+    return text
+
+
+def mdlm_judge_tokens(samples, tok, judge_tok, max_len):
+    """MDLM's re-tokenisation: each sample (L,) decoded as transformers' GPT-2 batch_decode does (end-of-text
+    written as <|endoftext|>, clean-up on) and re-encoded by the judge's tokenizer, which reads <|endoftext|>
+    back as its end-of-text id; at most max_len judge tokens (MDLM: truncation at the model length).
+    Equivalently: split at end-of-text, decode and clean each piece, encode it, join with the judge's
+    end-of-text (the clean-up patterns start with a space, so none spans a split). List of 1-D int64 tensors."""
+    out = []
+    for row in samples:
+        ids, piece = [], []
+        for i in row.tolist() + [None]:  # None: flush the last piece
+            if i is not None and i != tok.eot_id:
+                piece.append(i)
+                continue
+            ids += judge_tok.encode(hf_cleanup(tok.decode(piece))) if piece else []
+            if i is not None:
+                ids.append(judge_tok.eot_id)
+            piece = []
+        out.append(torch.tensor(ids[:max_len], dtype=torch.long, device=row.device))
+    return out
+
+
+@torch.no_grad()
+def corpus_nll(judge, seqs, eot_id, context, batch_size=MDLM_PPL_BATCH):
+    """MDLM's scoring of re-tokenised samples `seqs` (a list of 1-D tensors): per sample the summed NLL and
+    the number of scored tokens, float64 (n,) each. Each group of batch_size samples is right-padded with
+    eot_id to its longest (MDLM pads with end-of-text); every row is cut into chunks of `context` tokens; in
+    a chunk the judge scores tokens 2.. given the ones before (a causal judge: the right padding changes no
+    real token's score), and a token counts unless it is an end-of-text after the chunk's first one. So a
+    sample with no end-of-text of its own, shorter than the longest of its group, gets its first pad scored
+    as its end (as in MDLM's code)."""
+    sums, counts = [], []
+    for g in range(0, len(seqs), batch_size):
+        group = seqs[g:g + batch_size]
+        x = torch.full((len(group), max(len(s) for s in group)), eot_id, dtype=torch.long, device=group[0].device)
+        for r, ids in enumerate(group):
+            x[r, :len(ids)] = ids  # (b, T) right-padded with end-of-text
+        total = torch.zeros(len(group), dtype=torch.float64, device=x.device)
+        count = torch.zeros(len(group), dtype=torch.float64, device=x.device)
+        for lo in range(0, x.shape[1], context):
+            chunk = x[:, lo:lo + context]  # (b, c)
+            if chunk.shape[1] < 2:
+                continue
+            logits = judge(chunk[:, :-1])  # (b, c-1, V)
+            nll = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (b, c-1)
+            eos = chunk == eot_id  # (b, c)
+            keep = (~eos | (eos.cumsum(-1) == 1))[:, 1:]  # (b, c-1): drop every end-of-text after the first
+            total += torch.where(keep, nll.double(), 0.0).sum(-1)
+            count += keep.sum(-1).double()
+        sums.append(total.cpu())
+        counts.append(count.cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def sample_metrics(samples, judge=None, judge_tokens=None, batch_size=32, protocol="sdtt", judge_eot=None,
+                   judge_context=None):
     """gen NLL / PPL under the judge (when given), mean unigram entropy and self-BLEU of a sample set.
-    samples: (n, L) in the model's tokens; judge_tokens: the same samples re-encoded for the judge."""
+    samples: (n, L) in the model's tokens; judge_tokens: the same samples re-encoded for the judge.
+    protocol "sdtt": per-sample mean NLL (judge_nll), averaged over samples; gen_nll_se = the standard error
+    of that mean. "mdlm": judge_tokens from mdlm_judge_tokens, scored by corpus_nll (needs judge_eot and
+    judge_context); gen NLL = total NLL / total scored tokens, gen_nll_se its ratio-estimator standard error."""
+    if protocol not in GEN_PPL_PROTOCOLS:
+        raise UserError(f"unknown gen PPL protocol {protocol!r}: choose one of {', '.join(GEN_PPL_PROTOCOLS)}")
     out = {"entropy": mean_entropy(samples), "self_bleu": self_bleu(samples)}
-    if judge is not None:
+    if judge is not None and protocol == "mdlm":
+        sums, counts = corpus_nll(judge, judge_tokens, judge_eot, judge_context)  # (n,), (n,)
+        keep = counts > 0
+        sums, counts = sums[keep], counts[keep]
+        nll, n = (sums.sum() / counts.sum()).item(), len(sums)
+        # ratio estimator: the se of sum(s) / sum(c) over samples is ~ sd(s_i - r c_i) / (sqrt(n) mean(c))
+        se = None
+        if n > 1:
+            se = ((sums - nll * counts).pow(2).sum() / (n * (n - 1))).sqrt().item() / counts.mean().item()
+        out.update(gen_nll=nll, gen_ppl=bound_to_ppl(nll), gen_nll_se=se, gen_tokens=int(counts.sum().item()))
+    elif judge is not None:
         per_sample = judge_nll(judge, samples if judge_tokens is None else judge_tokens, batch_size)  # (n,)
         per_sample = per_sample[~per_sample.isnan()]  # a re-encoded sample may be too short to score
         nll = per_sample.mean().item()
         out.update(gen_nll=nll, gen_ppl=bound_to_ppl(nll),
                    gen_nll_se=(per_sample.std() / math.sqrt(len(per_sample))).item() if len(per_sample) > 1 else None)
+    if judge is not None:
+        out["gen_ppl_protocol"] = protocol
     return out
 
 
