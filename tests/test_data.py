@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import gpt2_or_skip
 from tinydiff import data
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare, stdlib_files, val_windows
 
-TIKTOKEN_CACHE = "/work/shared/tiktoken_cache"
 TEXT = "".join(f"line {i}: héllo wörld ✓ 日本語 {'x' * (i % 7)}\n" for i in range(200))
 
 
@@ -31,13 +31,7 @@ def write(path, text):
 
 @pytest.fixture
 def gpt2():
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip("no pre-seeded tiktoken cache")
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    try:
-        return get_tokenizer("gpt2")
-    except DataError as e:
-        pytest.skip(f"gpt2 tokenizer unavailable offline: {e}")
+    return gpt2_or_skip()
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import gpt2_or_skip
 from harness import exact_sampler_law, z_threshold
 from tinydiff.common import UserError
 from tinydiff.data import get_tokenizer
@@ -32,7 +33,6 @@ from tinydiff.sampler import diffusion_sample
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIKTOKEN_CACHE = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
 ALPHA = 1e-4
 
 
@@ -334,11 +334,7 @@ class FakeLM(nn.Module):
 
 
 def tokenizer_or_skip(name):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    try:
-        return get_tokenizer(name)
-    except Exception as e:  # gpt2 without tiktoken or without its cached vocabulary
-        pytest.skip(f"{name} tokenizer unavailable: {e}")
+    return gpt2_or_skip() if name == "gpt2" else get_tokenizer(name)
 
 
 @pytest.mark.parametrize("framing", ["sdtt", "none"])
@@ -457,14 +453,16 @@ def test_lambada_framing_is_what_the_model_sees():
 
 def run_scripts(jobs, cwd):
     """Run several scripts at once (each mostly waits on its torch import), return their results."""
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.path.abspath(TIKTOKEN_CACHE), "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, *args in jobs]
     outputs = [p.communicate(timeout=300) for p in procs]  # (stdout, stderr); sets returncode
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
+# a small play-like corpus written here (tests read nothing outside the repository): ~9 kB, two speakers
+PLAY = "".join(f"{('ROMEO', 'JULIET')[i % 2]}:\nO gentle night, thy {('moon', 'star', 'rose')[i % 3]} is {i % 7} times "
+               f"more fair than day.\n\n" for i in range(160))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
         "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt"]
 
@@ -473,8 +471,8 @@ TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", 
 def ckpts(tmp_path_factory):
     """An AR model (bytes) and an MDLM (gpt2), tiny, 2 iterations each, written by train.py."""
     tmp = tmp_path_factory.mktemp("eval")
-    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
-        (tmp / "tiny.txt").write_text(f.read(8000))
+    gpt2_or_skip()  # the MDLM below uses GPT-2 ids, so that --retokenize is exercised against a bytes judge
+    (tmp / "tiny.txt").write_text(PLAY)
     jobs = [("train.py", *TINY, "--model", "ar", "--out_dir", "ar"),
             ("train.py", *TINY, "--tokenizer", "gpt2", "--out_dir", "mdlm_gpt2")]
     for r in run_scripts(jobs, tmp):

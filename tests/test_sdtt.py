@@ -231,7 +231,7 @@ def test_distillation_moves_the_fast_sampler_toward_the_slow_one(toy, oracle):
 # ----------------------------------------------------------------------------- distill.py end to end
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--data", "/work/shared/data/tinyshakespeare.txt", "--device", "cpu"]
+        "--eval_tokens", "256", "--data", "play.txt", "--device", "cpu"]
 ROUNDS = ["--rounds", "2", "--iters_per_round", "3", "--teacher_steps", "8", "--batch_size", "2",
           "--eval_tokens", "64", "--warmup", "2", "--device", "cpu"]
 
@@ -259,6 +259,9 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sdtt")
+    # a small corpus written here (tests read nothing outside the repository)
+    (d / "play.txt").write_text("".join(f"KING {i % 5}:\nWhat light through yonder window {i % 9} breaks?\n\n"
+                                        for i in range(300)))
     run("train.py", *TINY, "--max_iters", 3, "--eval_interval", 3, "--out_dir", "mdlm", cwd=d)
     return d
 
