@@ -56,8 +56,8 @@ parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluat
 parser.add_argument("--judge", default=None, help="AR checkpoint that scores the samples (gen PPL); none: no gen PPL")
 parser.add_argument("--gen_ppl_protocol", default="sdtt", choices=GEN_PPL_PROTOCOLS,
                     help="sdtt: the judge reads the sampled ids, per-sample mean NLL averaged over samples, every EOS "
-                         "counted (SDTT's run_eval.py); mdlm: decode, re-tokenise for the judge, score in judge-context "
-                         "chunks, token mean over the whole set, EOS after the first dropped (MDLM's "
+                         "counted (SDTT's run_eval.py); mdlm: decode, re-tokenise for the judge, score in "
+                         "judge-context chunks, token mean over the whole set, EOS after the first dropped (MDLM's "
                          "compute_generative_perplexity, used for the MDLM-family numbers)")
 parser.add_argument("--retokenize", action="store_true",
                     help="allow a judge with another tokenizer: decode the samples to text and re-encode them")

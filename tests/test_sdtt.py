@@ -80,7 +80,8 @@ def brute_force(kind, ls, lt, masked, mask_id):
                 continue
             a, c = ls[b, i, v].item(), lt[b, i, v].item()
             p, q = np.exp(a), np.exp(c)
-            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2 / ls.shape[-1], "tvd": 0.5 * abs(p - q)}[kind]
+            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2 / ls.shape[-1],  # mean over V
+                  "tvd": 0.5 * abs(p - q)}[kind]
         vals.append(d)
     return sum(vals) / len(vals)
 

@@ -9,8 +9,9 @@ Published weights, said precisely: every jdeschena/sdtt revision was pushed from
 `state_dict` (SDTT's push_to_hub.py); the EMA weights, which the paper samples and evaluates with
 (`from_ema: True`), are not in the files. So an SDTT Hub student is the raw student, not the model of the
 paper's tables; load_pretrained prints this note when it loads one (not for teacher_1M_sm, which has no
-step in its name: push_to_hub's path for the original kuleshov-group/mdlm-owt weights). Only MDLM's DiT converts: a revision of another model type (no time embedder,
-sigma_map, e.g. SDTT's non-adaptive `ddit`) is refused with a UserError.
+step in its name: push_to_hub's path for the original kuleshov-group/mdlm-owt weights). Only MDLM's DiT
+converts: a revision of another model type (no time embedder, sigma_map, e.g. SDTT's non-adaptive
+`ddit`) is refused with a UserError.
 
 Framing: MDLM and SDTT trained on [BOS] + 1022 tokens + [EOS] chunks (BOS = EOS = GPT-2's end-of-text;
 mdlm dataloader.py _group_texts), so a converted DiT checkpoint records framing "bos_eos" and the scripts

@@ -46,8 +46,9 @@ def add_run_args(p):
                    help="micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per training window (default: the model's)")
     p.add_argument("--framing", default=None, choices=FRAMINGS,
-                   help="training and held-out windows: none (plain token windows) or bos_eos ([BOS] + L-2 tokens + "
-                        "[EOS], BOS = EOS = end-of-text, as MDLM/SDTT trained); default: the loaded checkpoint's, else none")
+                   help="training and held-out windows: none (plain token windows) or bos_eos ([BOS] + L-2 tokens "
+                        "+ [EOS], BOS = EOS = end-of-text, as MDLM/SDTT trained); default: the loaded checkpoint's, "
+                        "else none")
     p.add_argument("--dropout_sites", default=None, choices=DROPOUT_SITES,
                    help="where dropout applies: all (embeddings, attention probabilities, residual branches) or "
                         "residual (the official DiT's); default: the loaded checkpoint's, else all")
