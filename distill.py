@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, load_meta, prepare
+from tinydiff.data import DataError, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, train
@@ -58,8 +58,8 @@ parser.add_argument("--teacher_steps", type=int, default=None,
 parser.add_argument("--n_teacher_steps", type=int, default=2,
                     help="sdtt: teacher steps per target (paper: 2; 4 and 8 did worse)")
 parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
-                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, mse (log-probs), "
-                         "tvd (0.5 sum |p - q|)")
+                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, "
+                         "mse (log-probs, mean over the vocabulary: paper eq. 11), tvd (0.5 sum |p - q|)")
 add_tcs_args(parser)
 add_run_args(parser)
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
@@ -116,6 +116,8 @@ def main():
 
     if args.method == "sdtt":
         # ------------------------------------------------------------------ SDTT: student = copy of the teacher
+        if args.dropout_sites:  # else the teacher's (a converted DiT: the official residual-only sites)
+            tckpt["config"] = dict(tckpt["config"], dropout_sites=args.dropout_sites)
         student = model_from_checkpoint(tckpt, device, use_ema=args.teacher_ema).train()
         cfg, mask_id = student.cfg, tckpt["mask_id"]
         args.seq_len = args.seq_len or cfg.seq_len
@@ -192,13 +194,23 @@ def main():
                         f"use {cfg.seq_len} or less")
     print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"data {data_dir}, seq_len {args.seq_len}")
-    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens)[0].to(device)  # (N, L) same as train.py
+    # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
+    args.framing = args.framing or tckpt.get("framing", "none")
+    meta["framing"] = args.framing
+    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens,  # (N, L) same as train.py
+                            args.framing)[0].to(device)
 
     def evaluate(m):  # the data-only NELBO bound of the student (SDTT students drift from it: expected)
         return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
 
     meta.update(config=cfg.to_dict(), args=vars(args))
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
+    if args.framing == "bos_eos":  # [BOS] + L - 2 tokens + [EOS] (tinydiff/data.py)
+        if args.method == "tcs":
+            raise UserError("--framing bos_eos is for SDTT from a model trained on framed windows; TCS uses "
+                            "plain windows (drop --framing)")
+        run["get_batch"] = framed_batches(tok.eot_id)
+        print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
         loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
         hooks += list(tcs_hooks)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, prepare
+from tinydiff.data import DataError, framed_batches, get_tokenizer, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, train
@@ -64,11 +64,15 @@ def main():
             raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
                             f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
+        if args.dropout_sites:  # else the checkpoint's (a converted DiT: the official residual-only sites)
+            init["config"]["dropout_sites"] = args.dropout_sites
         cfg = ModelConfig(**init["config"])
     else:
         cfg = ModelConfig(vocab_size=tok.vocab_size + (args.model == "mdlm"), n_layer=args.n_layer, n_head=args.n_head,
                           n_embd=args.n_embd, seq_len=args.seq_len, causal=args.model == "ar", dropout=args.dropout,
-                          tie_embeddings=args.tie_embeddings)
+                          tie_embeddings=args.tie_embeddings, dropout_sites=args.dropout_sites or "all")
+    # window framing: the flag, else the loaded checkpoint's (a published MDLM: bos_eos), else none
+    args.framing = args.framing or (resume or init or {}).get("framing", "none")
     if args.seq_len > cfg.seq_len:  # a fresh model has seq_len = args.seq_len; a loaded one keeps its context
         source = "the checkpoint" if resume is not None else "--init_from"
         raise UserError(f"--seq_len {args.seq_len} is beyond {source}'s context {cfg.seq_len}: "
@@ -88,7 +92,8 @@ def main():
             logits = fwd(x[:, :-1])  # (B, L, V)
             return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), {}
     window = val_window_len(args.model, args.seq_len)
-    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens)[0].to(device)  # (N, window)
+    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens,  # (N, window)
+                            args.framing)[0].to(device)
     # (AR and MDLM score exactly the same held-out tokens: see heldout_windows)
 
     def evaluate(m):
@@ -96,8 +101,12 @@ def main():
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "data_dir": str(data_dir), "sample_steps": args.seq_len if args.model == "mdlm" else None}
+            "data_dir": str(data_dir), "sample_steps": args.seq_len if args.model == "mdlm" else None,
+            "framing": args.framing}
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
+    if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
+        run["get_batch"] = framed_batches(tok.eot_id)
+        print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     summary = train(model, loss_fn, evaluate, args, run, meta, resume)
 
     # show what the model learned: one sample from the weights eval/sample use (EMA when on)
