@@ -98,7 +98,8 @@ def reveal_counts(free, steps, schedule, eps):
 def top_per_row(score, counts):
     """(B, L) bool: the counts[b] highest scores of each row b; ties go to the lower position."""
     order = score.argsort(dim=1, descending=True, stable=True)  # (B, L)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    positions = torch.arange(score.shape[1], device=score.device).expand_as(order)  # (B, L)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, i]: place of position i in row b
     return rank < counts[:, None]
 
 
@@ -317,8 +318,6 @@ def semi_ar(model, x, steps, mask_id, generator=None, *, block_len=32, inner="an
     it (ancestral inside: the model's own law of the block). Beyond the context it is a Markov chain
     of order W - block_len over blocks: NOT a law of the model over the whole length (it has none
     past its context). Cost: the inner sampler's, summed over blocks (NFE returned is the sum)."""
-    if inner not in SAMPLERS or inner == "semi_ar":
-        raise UserError(f"semi_ar: --inner {inner!r} must be one of {', '.join(n for n in SAMPLERS if n != 'semi_ar')}")
     x = x.clone()
     N = x.shape[1]
     W = min(context or N, N)
@@ -347,7 +346,10 @@ def knobs_of(name, inner=None):
         raise UserError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
     own = dict(SAMPLERS[name].knobs)
     if name == "semi_ar":
-        own.update(knobs_of(inner or own["inner"].default))
+        inner = inner or own["inner"].default
+        if inner not in SAMPLERS or inner == "semi_ar":
+            raise UserError(f"semi_ar: --inner {inner!r} must be one of {', '.join(n for n in SAMPLERS if n != name)}")
+        own.update(knobs_of(inner))
     return {**own, **COMMON}
 
 
