@@ -99,7 +99,8 @@ def test_knobs_are_checked_and_described():
         "threshold(tau=0.5, temperature=1.0, top_k=0, top_p=1.0)"
     for name, knobs, words in [("nope", {}, "unknown sampler"), ("ancestral", {"tau": 0.5}, "no knob tau"),
                                ("threshold", {"tau": 1.5}, "--tau"), ("remdm", {"remask": "x"}, "--remask"),
-                               ("remdm", {"remask": "loop", "eta": 0.5}, "loop"), ("ancestral", {"top_p": 0}, "--top_p"),
+                               ("remdm", {"remask": "loop", "eta": 0.5}, "loop"),
+                               ("ancestral", {"top_p": 0}, "--top_p"),
                                ("semi_ar", {"inner": "semi_ar"}, "--inner"), ("remdm", {"t_on": 0.01}, "t_off")]:
         with pytest.raises(UserError, match=words):
             resolve(name, knobs)
@@ -212,19 +213,19 @@ def test_remdm_plan_by_hand():
             assert sigma == pytest.approx(want)
             sm = 0 if remask == "conf" else want
             assert p == pytest.approx((a(s) - (1 - sm) * a(t)) / (1 - a(t)))
-    # loop with K = 10 on [1, 0]: starts t = 1.0 .. 0.1; t > 0.55 MDLM up to alpha_on, loop, t <= 0.05 none here
+    # loop with K = 10 on [1, 0], t_on 0.55, t_off 0.15: alpha 0 -> 0.9 linearly on [1, 0.55], 0.9 on
+    # [0.55, 0.15], -> 1 linearly on [0.15, 0]; steps starting in (0.15, 0.55] re-mask with sigma = eta
+    alpha = {1.0: 0, .9: .2, .8: .4, .7: .6, .6: .8, .5: .9, .4: .9, .3: .9, .2: .9, .1: 1 - .1 * .1 / .15, 0.0: 1}
     plan = remdm_plan(10, sched, 0.0, "loop", 0.05, 0.55, 0.15, 0.9)
     for k, (p, sigma) in enumerate(plan):
-        t, s = 1 - k / 10, 1 - (k + 1) / 10
-        if t > 0.55:
-            at, as_ = (1 - t) * 0.9 / 0.45, (1 - s) * 0.9 / 0.45
-            assert sigma == 0 and p == pytest.approx((as_ - at) / (1 - at))
-        elif t > 0.15:
-            assert sigma == 0.05 and p == pytest.approx(0.05 * 0.9 / 0.1)
-        else:
-            at, as_ = 1 - t * 0.1 / 0.15, 1 - s * 0.1 / 0.15
-            assert sigma == 0 and p == pytest.approx((as_ - at) / (1 - at))
-    assert remdm_plan(3, sched, EPS, "cap", 0.0, .55, .05, .9) == remdm_plan(3, sched, EPS, "rescale", 0.0, .55, .05, .9)
+        t, s = round(1 - k / 10, 1), round(1 - (k + 1) / 10, 1)
+        at, as_ = alpha[t], alpha[s]
+        want_sigma = min(0.05, (1 - as_) / at) if 0.15 < t <= 0.55 else 0.0
+        assert sigma == pytest.approx(want_sigma) and p == pytest.approx((as_ - (1 - want_sigma) * at) / (1 - at))
+    assert plan[5] == (pytest.approx(0.05 * 0.9 / 0.1), 0.05)  # inside the loop: alpha stays, reveals balance re-masks
+    for K in (1, 2, 3):  # few steps: every probability stays in [0, 1]
+        assert all(0 <= p <= 1 and 0 <= sig <= 1 for p, sig in remdm_plan(K, sched, EPS, "loop", 0.1, .55, .05, .9))
+    assert remdm_plan(3, sched, EPS, "cap", 0, .55, .05, .9) == remdm_plan(3, sched, EPS, "rescale", 0, .55, .05, .9)
 
 
 @pytest.mark.parametrize("remask", ["cap", "rescale"])

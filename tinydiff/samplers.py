@@ -216,28 +216,27 @@ REMASK = ("cap", "rescale", "conf", "loop")
 
 
 def remdm_plan(steps, schedule, eps, remask, eta, t_on, t_off, alpha_on):
-    """Per step (p_reveal, sigma) of ReMDM (Wang et al. 2025, eqs. for the remasking posterior):
-    from z_t to z_s a masked position is revealed with probability (a_s - (1 - sigma) a_t) / (1 - a_t),
-    an unmasked one is re-masked with probability sigma, 0 <= sigma <= sigma_max = min(1, (1 - a_s) / a_t).
-    Schedules: cap sigma = min(eta, (1 - a_s) / a_t); rescale sigma = eta x sigma_max; conf sigma_max,
-    spread over the unmasked positions by confidence (the sampler does that; masked positions use
-    sigma = 0); loop: t > t_on MDLM steps with alpha rising linearly 0 -> alpha_on, then alpha held
-    at alpha_on with sigma = eta (reveal probability eta a_on / (1 - a_on)), t <= t_off MDLM steps to
-    alpha = 1; the phase of a step is that of its start time t, as in the paper's code."""
+    """Per step (p_reveal, sigma) of ReMDM (Wang et al. 2025, arXiv 2503.00307): from z_t to z_s a masked position is
+    revealed with probability (a_s - (1 - sigma) a_t) / (1 - a_t), an unmasked one is re-masked with
+    probability sigma, 0 <= sigma <= sigma_max = min(1, (1 - a_s) / a_t). Schedules: cap
+    sigma = min(eta, (1 - a_s) / a_t); rescale sigma = eta x sigma_max; conf sigma_max, spread over
+    the unmasked positions by confidence (the sampler does that; masked positions use sigma = 0);
+    loop: alpha rises linearly from 0 at t = 1 to alpha_on at t_on, stays there down to t_off, then
+    rises linearly to 1 at t = 0; steps starting in (t_off, t_on] re-mask with sigma = eta (capped at
+    (1 - a_s) / a_t), the others are MDLM steps. (The paper's code extrapolates the phase of a step's
+    start to its end, which passes alpha = 1 when steps are few; we evaluate alpha at both ends.)"""
     ts = torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
-    alphas = schedule.alpha(ts).tolist()
+    if remask == "loop":
+        alpha = lambda t: alpha_on * (1 - t) / (1 - t_on) if t > t_on else \
+            alpha_on if t >= t_off else 1 - (1 - alpha_on) * t / t_off
+        alphas = [alpha(t) for t in ts.tolist()]
+    else:
+        alphas = schedule.alpha(ts).tolist()
     plan = []
-    for t, s, a_t, a_s in zip(ts[:-1].tolist(), ts[1:].tolist(), alphas[:-1], alphas[1:]):
-        if remask == "loop":
-            if t > t_on:
-                a_t, a_s, sigma = (1 - t) * alpha_on / (1 - t_on), (1 - s) * alpha_on / (1 - t_on), 0.0
-            elif t <= t_off:
-                a_t, a_s, sigma = 1 - t * (1 - alpha_on) / t_off, 1 - s * (1 - alpha_on) / t_off, 0.0
-            else:
-                a_t, a_s, sigma = alpha_on, alpha_on, eta
-        else:
-            bound = (1 - a_s) / a_t if a_t > 0 else math.inf
-            sigma = {"cap": min(eta, bound), "rescale": eta * min(1.0, bound), "conf": min(1.0, bound)}[remask]
+    for t, a_t, a_s in zip(ts.tolist(), alphas[:-1], alphas[1:]):
+        bound = (1 - a_s) / a_t if a_t > 0 else math.inf
+        sigma = {"cap": min(eta, bound), "rescale": eta * min(1.0, bound), "conf": min(1.0, bound),
+                 "loop": min(eta, bound) if t_off < t <= t_on else 0.0}[remask]
         sigma_masked = 0.0 if remask == "conf" else sigma
         plan.append(((a_s - (1 - sigma_masked) * a_t) / (1 - a_t), sigma))
     return plan
@@ -306,8 +305,8 @@ def remdm(model, x, steps, mask_id, generator=None, *, remask="cap", eta=0.02, t
 @register("semi_ar", block_len=Knob(32, int, "semi_ar: tokens per block (at most the context)"),
           inner=Knob("ancestral", str, "semi_ar: the sampler used inside each block"))
 def semi_ar(model, x, steps, mask_id, generator=None, *, block_len=32, inner="ancestral", context=None, **knobs):
-    """Semi-autoregressive generation, block by block, of any length (MDLM's semi-AR sampler, Sahoo et
-    al. 2024 §4.2; LLaDA's blocks, Nie et al. 2025). Blocks of block_len positions are generated left
+    """Semi-autoregressive generation, block by block, of any length (MDLM's semi-autoregressive sampler,
+    Sahoo et al. 2024; LLaDA's blocks, Nie et al. 2025). Blocks of block_len positions are generated left
     to right by the `inner` sampler, each in a window of W = min(context, length) positions ending at
     the block (or the first W positions): the earlier tokens in it are clamped, later positions
     inside it are shown as they are in init (masks: LLaDA's future blocks; or clamped tokens) and not
