@@ -216,9 +216,9 @@ REMASK = ("cap", "rescale", "conf", "loop")
 
 
 def remdm_plan(steps, schedule, eps, remask, eta, t_on, t_off, alpha_on):
-    """Per step (p_reveal, sigma) of ReMDM (Wang et al. 2025, arXiv 2503.00307): from z_t to z_s a masked position is
-    revealed with probability (a_s - (1 - sigma) a_t) / (1 - a_t), an unmasked one is re-masked with
-    probability sigma, 0 <= sigma <= sigma_max = min(1, (1 - a_s) / a_t). Schedules: cap
+    """Per step (p_reveal, sigma) of ReMDM (Wang et al. 2025, arXiv 2503.00307): from z_t to z_s a masked
+    position is revealed with probability (a_s - (1 - sigma) a_t) / (1 - a_t), an unmasked one is
+    re-masked with probability sigma, 0 <= sigma <= sigma_max = min(1, (1 - a_s) / a_t). Schedules: cap
     sigma = min(eta, (1 - a_s) / a_t); rescale sigma = eta x sigma_max; conf sigma_max, spread over
     the unmasked positions by confidence (the sampler does that; masked positions use sigma = 0);
     loop: alpha rises linearly from 0 at t = 1 to alpha_on at t_on, stays there down to t_off, then
