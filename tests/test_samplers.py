@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from harness import OracleDenoiser, chi2_gof, exact_sampler_law, tv, z_threshold
+from harness import chi2_gof, exact_sampler_law, tv, z_threshold
 from sampler_laws import confidence_law, counts_per_step, remdm_law, semi_ar_law, threshold_law
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule
