@@ -38,7 +38,7 @@ from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.presets import apply_preset
-from tinydiff.sampler import diffusion_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import add_tcs_args, build_tcs
 
@@ -62,6 +62,7 @@ parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
                          "mse (log-probs, mean over the vocabulary: paper eq. 11), tvd (0.5 sum |p - q|)")
 add_tcs_args(parser)
 add_run_args(parser)
+add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
 parser.set_defaults(data=None, tokenizer=None, max_iters=None, lr=None, warmup=None, ema=None, batch_size=None,
                     eval_interval=None, ckpt_interval=None, eval_tokens=None)
@@ -79,6 +80,7 @@ def main():
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
                         f"{'MDLM' if args.method == 'sdtt' else 'AR model'} trained with train.py)")
+    knobs = knobs_from_args(args.sampler, args)  # the end-of-run sample's, checked before any work
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -220,14 +222,14 @@ def main():
     # one sample from the final weights at the step count the checkpoint records
     final = load_checkpoint(f"{args.out_dir}/ckpt.pt")
     gen = make_generator(args.seed, device)
-    x, _ = diffusion_sample(model_from_checkpoint(final, device), 1, args.seq_len, final["sample_steps"], mask_id,
-                            generator=gen, device=device)
-    print("-" * 24 + f" sample ({final['sample_steps']} steps) " + "-" * 24)
+    x, nfe = sample(args.sampler, model_from_checkpoint(final, device), (1, args.seq_len), final["sample_steps"],
+                    mask_id, gen, cfg.seq_len, device, **knobs)
+    print("-" * 16 + f" sample: {describe(args.sampler, knobs)}, {final['sample_steps']} steps, NFE {nfe} " + "-" * 16)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
     emit({"method": args.method, "sample_steps": final["sample_steps"], "params": student.num_params(),
           **({"rounds": args.rounds, "teacher_steps": args.teacher_steps, "loss": args.loss} if args.method == "sdtt"
-             else {}), **summary})
+             else {}), **summary, "sampler": args.sampler, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ CPU (train.py's default models: byte tokenizer, stdlib corpus, seq_len 256; ~30 
     python eval.py --ckpt out-shared/ar/ckpt.pt --judge out-shared/ar/ckpt.pt \
         --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000
 CPU smoke test (minutes): add --steps 8,32 --num_samples 4 --val_tokens 2048 --limit 50.
+Any sampler of docs/samplers.md with its knobs, e.g. --sampler threshold --tau 0.9 (default ancestral).
 A judge with another tokenizer needs --retokenize (samples are decoded and re-encoded, and the output
 says so), e.g. GPT-2 large as in the papers, through tinydiff/hub.py: --judge gpt2-large --retokenize.
 GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on the same data):
@@ -29,7 +30,8 @@ What every number is:
   instead (decode, re-tokenise, judge-context chunks, token mean over the set, EOS after the first
   dropped: tinydiff.evaluate.corpus_nll); the table, the rows and the JSON name the protocol.
 - entropy: unigram entropy (nats) of each sample, averaged; self-BLEU-4 over the sample set.
-- sampling: float64 draws, temperature 1, no truncation; NFE = network calls per batch of samples.
+- sampling: --sampler with its knobs (default ancestral, temperature 1, no truncation: the model's own
+  law), float64 draws; NFE = network calls per batch of samples.
 - LAMBADA: last word with its leading space; contexts longer than the model's context are
   left-truncated (the count is printed). MDLM: one forward on context + [MASK]s; bound with
   --lambada_draws stratified t. Framing (--lambada_framing, printed and in the JSON): by default SDTT's
@@ -48,7 +50,8 @@ from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint
 from tinydiff.data import FRAMINGS, DataError, get_tokenizer, prepare
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
-from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.sampler import ar_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import sync
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +87,7 @@ parser.add_argument("--framing", default=None, choices=FRAMINGS,
 parser.add_argument("--no_ema", action="store_true", help="use raw weights instead of the EMA (model and judge)")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network; draws float64, judge float32)")
+add_sampler_args(parser)  # --sampler and its knobs (diffusion rows; an AR model takes --temperature/--top_k/--top_p)
 args = parser.parse_args()
 GEN_PPL_ABOUT = {
     "sdtt": "the judge reads the sampled ids (or their re-encoding); per sample the mean NLL of tokens 2..L, "
@@ -104,8 +108,13 @@ def main():
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context, mask_id = model.cfg.seq_len, ckpt.get("mask_id")
     L = args.gen_len or context
-    if not 2 <= L <= context:
-        raise UserError(f"--gen_len {L} must be between 2 and the model's context {context}")
+    if kind == "ar":  # one AR sampler: it takes the common knobs only
+        sampler, knobs = "ar", knobs_from_args("ancestral", args)  # ancestral's knobs: the common ones
+    else:
+        sampler, knobs = args.sampler, knobs_from_args(args.sampler, args)
+    if L < 2 or (L > context and sampler != "semi_ar"):
+        raise UserError(f"--gen_len {L} must be between 2 and the model's context {context} "
+                        f"(longer: --sampler semi_ar)")
     if args.num_samples < 1 or args.batch_size < 1:
         raise UserError("--num_samples and --batch_size must be at least 1")
     try:
@@ -147,7 +156,8 @@ def main():
               "judge": args.judge, "judge_tokenizer": judge_tok.name if judge_tok else None, "retokenized": retok,
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,
               "seed": args.seed, "num_samples": args.num_samples, "gen_len": L, "batch_size": args.batch_size,
-              "steps": steps_list if kind == "mdlm" else None, "val_ppl": None}
+              "steps": steps_list if kind == "mdlm" else None, "val_ppl": None,
+              "sampler": sampler, "sampler_knobs": knobs}
     framing = args.framing or ckpt.get("framing", "none")  # how the model's training windows were framed
     record["val_framing"] = framing
     if args.val_tokens > 0:
@@ -192,10 +202,10 @@ def main():
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             if kind == "mdlm":
-                x, nfe = diffusion_sample(net, b, L, steps, mask_id, generator=gen, device=device)  # (b, L)
+                x, nfe = sample(sampler, net, (b, L), steps, mask_id, gen, context, device, **knobs)  # (b, L)
             else:  # start from end-of-text, L + 1 tokens in all, drop the start token
                 prompt = torch.full((b, 1), tok.eot_id, dtype=torch.long, device=device)
-                x, nfe = ar_sample(net, b, L + 1, prompt, gen, cache=model.new_cache(b, L + 1, cache_dtype))
+                x, nfe = ar_sample(net, b, L + 1, prompt, gen, **knobs, cache=model.new_cache(b, L + 1, cache_dtype))
                 x = x[:, 1:]  # (b, L)
             rows.append(x)
             nfes.append(nfe)
@@ -231,7 +241,8 @@ def main():
 
     # ------------------------------------------------------------------ table and JSON
     f = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    print(f"\n{kind} {args.ckpt} | {args.num_samples} samples x {L} tokens, seed {args.seed} | judge {args.judge}"
+    print(f"\n{kind} {args.ckpt} | sampler {describe(sampler, knobs)} | {args.num_samples} samples x {L} tokens, "
+          f"seed {args.seed} | judge {args.judge}"
           + (" (re-encoded)" if retok else "") + (f" | gen PPL protocol {args.gen_ppl_protocol}" if judge else ""))
     print(f"{'row':>6} {'steps':>6} {'NFE':>7} {'seconds':>8} {'gen PPL':>9} {'(NLL se)':>8} {'entropy':>8} "
           f"{'self-BLEU':>9} {'protocol':>8}")

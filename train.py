@@ -22,7 +22,8 @@ from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.presets import apply_preset
-from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.sampler import ar_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="mdlm", choices=["mdlm", "ar"], help="masked diffusion LM or causal AR baseline")
@@ -35,6 +36,7 @@ parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
 add_run_args(parser)
+add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs (AR: --temperature/--top_k/--top_p)
 # the CPU default: ~8.5 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 0.86M-parameter model beats
 # train.py's earlier 2.8M default (6L/192d: 2.7x fewer tokens in the same time), as compute-optimal scaling predicts
 parser.set_defaults(seq_len=256, max_iters=1300, batch_size=16, lr=3e-3, warmup=100, eval_interval=650)
@@ -43,6 +45,8 @@ args = apply_preset(parser)  # --preset NAME sets defaults (printed); explicit f
 
 def main():
     device, dtype, use_compile, autocast = setup_runtime(args)
+    sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
+    knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
 
@@ -113,14 +117,15 @@ def main():
     sampler_model = model_from_checkpoint(load_checkpoint(f"{args.out_dir}/ckpt.pt"), device)
     gen = make_generator(args.seed, device)
     if args.model == "mdlm":
-        x, _ = diffusion_sample(sampler_model, 1, args.seq_len, args.seq_len, mask_id, generator=gen, device=device)
+        x, nfe = sample(sampler, sampler_model, (1, args.seq_len), args.seq_len, mask_id, gen, cfg.seq_len, device,
+                        **knobs)
     else:
-        x, _ = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), generator=gen)
+        x, nfe = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), gen, **knobs)
         x = x[:, 1:]
-    print("-" * 30 + " sample " + "-" * 30)
+    print("-" * 20 + f" sample: {describe(sampler, knobs)}, {args.seq_len} steps, NFE {nfe} " + "-" * 20)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
-    emit({"model": args.model, "params": model.num_params(), **summary})
+    emit({"model": args.model, "params": model.num_params(), **summary, "sampler": sampler, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":
