@@ -7,6 +7,7 @@ asked (on 2 cores its start-up cost is rarely repaid in a short run; see README)
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,21 @@ def die(msg):
 
 
 def emit(record):
-    """The output contract: the last line on stdout is one JSON object with the headline figures."""
-    print(json.dumps(record), flush=True)
+    """The output contract: the last line on stdout is one JSON object with the headline figures.
+    Strict JSON: a float that is NaN or infinite (a loss never measured, a diverged run) is written
+    as null, so every JSON parser reads the line; allow_nan=False guarantees none slips through."""
+    print(json.dumps(_finite(record), allow_nan=False), flush=True)
+
+
+def _finite(v):
+    """v with every non-finite float (in nested dicts/lists/tuples) replaced by None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 # ----------------------------------------------------------------------------- device / dtype / compile
@@ -169,6 +183,17 @@ def commit_files(files):
         for tmp in tmps.values():
             if tmp.exists():
                 tmp.unlink()
+
+
+def pid_alive(pid):
+    """True when a process with this id runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def load_checkpoint(path):
