@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -152,6 +153,16 @@ def save_checkpoint(obj, path):
         tmp.unlink(missing_ok=True)
         raise
     commit_files({path: tmp})
+
+
+def write_error(e, path):
+    """Why a write failed, in a few words: the OS's reason, and the free space of that disk."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    try:
+        reason += f"; {shutil.disk_usage(Path(path).parent).free / 2 ** 20:.1f} MiB free on that disk"
+    except OSError:
+        pass
+    return reason
 
 
 def temp_path(path):
