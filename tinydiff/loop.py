@@ -271,7 +271,8 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
                 history.append({"iter": it, **metrics})
                 seconds = time.time() - t0
                 eval_seconds += seconds
-                tqdm.write(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({seconds:.1f}s)")
+                shown = " ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in metrics.items())
+                tqdm.write(f"iter {it}: {shown} ({seconds:.1f}s)")
                 model.train()
             due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
             if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:

@@ -114,7 +114,7 @@ def _lock(out_dir):
     return fd
 
 
-def _probe(out_dir):
+def _probe(out_dir, what=None):
     """Write, sync and remove a small file: the permissions, a read-only disk and quotas all show here."""
     probe = out_dir / f".probe{os.getpid()}"
     try:
@@ -123,10 +123,20 @@ def _probe(out_dir):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise UserError(f"cannot write in --out_dir {out_dir} ({e.strerror}): fix its permissions or choose "
-                        f"another --out_dir") from None
+        raise UserError(f"cannot write in {what or '--out_dir ' + str(out_dir)} ({e.strerror}): fix the folder's "
+                        f"permissions or choose another") from None
     finally:
         probe.unlink(missing_ok=True)
+
+
+def check_writable(path):
+    """A file a script will write at its end (sample.py --out): its folder must exist and take a file now."""
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder: give a file name")
+    if not folder.is_dir():
+        raise UserError(f"the folder of {path} ({folder}) does not exist: create it or give another path")
+    _probe(folder, what=str(path))
 
 
 def checkpoint_bytes(model, copies):
