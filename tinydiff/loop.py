@@ -285,8 +285,8 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
                     print(f"{name}: stopped after iter {it}/{args.max_iters} and wrote {args.out_dir}/ckpt.pt; continue "
                           f"with the same command plus --resume (exit status {status})", file=sys.stderr, flush=True)
                 sys.exit(status)
-        bar.close()
     finally:
+        bar.close()  # ends the progress line: a message after it starts on a line of its own
         signals.restore()  # also when a save fails or a second Ctrl-C aborts
     dist.barrier()  # the final ckpt.pt is on disk before any rank reads it
     elapsed = time.time() - t_start - eval_seconds  # training time only
