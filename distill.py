@@ -132,7 +132,8 @@ def main():
                             f"the last student samples with K0 / 2^R >= 1 steps)")
         # CPU-sized defaults; the paper: lr 6e-5, batch 128, 500 warm-up, EMA 0.9999 (10k steps a round)
         fill(lr=3e-4, warmup=20, ema=0.99, batch_size=8, eval_tokens=16384,
-             max_iters=R * N, eval_interval=N, ckpt_interval=N)  # a smaller --max_iters stops early (--resume later)
+             max_iters=R * N, eval_interval=N, ckpt_interval=N)  # a smaller --max_iters stops early
+        # (continue with --resume --max_iters R*N: a resumed run keeps the --max_iters it was given)
         if args.max_iters > R * N:
             raise UserError(f"--max_iters {args.max_iters} is beyond rounds x iters_per_round = {R * N}")
         # the teacher: frozen, eval mode (no dropout), weights replaced at each round boundary

@@ -371,6 +371,20 @@ def test_binary_data_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_damaged_checkpoints(tmp_path, monkeypatch, capsys):
+    """QA 7: a folder said "does not exist"; a checkpoint with the right keys but no weights gave a traceback."""
+    from tinydiff.model import ModelConfig
+    cfg = ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=32, seq_len=32).to_dict()
+    torch.save({"config": cfg, "model": {}, "kind": "mdlm", "tokenizer": {"name": "bytes"}}, tmp_path / "hollow.pt")
+    monkeypatch.chdir(tmp_path)
+    for ckpt, words in ((tmp_path, ["is a folder", "ckpt.pt"]), ("hollow.pt", ["do not match its config"])):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(ckpt), "--device", "cpu"])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
+        assert e.value.code == 2
+        error_line(capsys.readouterr().err, *words)
+
+
 @pytest.mark.slow
 def test_sample_steps_and_temperature_are_as_asked(tmp_path, corpus):
     """QA 21: --steps 0 silently became 32 and --temperature -1 silently meant greedy (both errors now);

@@ -215,6 +215,8 @@ def load_checkpoint(path):
     from .hub import is_pretrained, load_pretrained
     if is_pretrained(path) and not os.path.isfile(path):
         return load_pretrained(path)
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
     try:
@@ -230,8 +232,11 @@ def load_checkpoint(path):
 def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
     """Build the model a checkpoint describes; EMA weights when present and use_ema. Eval mode."""
     from .model import ModelConfig, Transformer
-    model = Transformer(ModelConfig(**ckpt["config"]))
-    ema = ckpt.get("ema")
-    state = ema["model"] if (use_ema and ema) else ckpt["model"]
-    model.load_state_dict(state)
+    try:
+        model = Transformer(ModelConfig(**ckpt["config"]))
+        ema = ckpt.get("ema")
+        model.load_state_dict(ema["model"] if (use_ema and ema) else ckpt["model"])
+    except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as e:  # a damaged or foreign checkpoint
+        raise UserError(f"the checkpoint's weights do not match its config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}): it is damaged or not a tinydiff checkpoint") from None
     return model.to(device).eval()
