@@ -11,6 +11,10 @@ compiled (when compile is on), one static shape over the whole cache, with CUDA 
 CPU, the README latency table (tiny = train.py's 4L/128d default, random weights):
     python bench.py --size tiny --seq_len 256 --batch_sizes 1,8,32 --steps 8,16,32,64,128,256 \
         --compile both --sections latency,roofline
+CPU, every sampler of docs/samplers.md (ms per sample and NFE; a trained checkpoint, so that the adaptive
+`threshold` sees real confidences), knobs as in sample.py:
+    python bench.py --ckpt out/ckpt.pt --batch_sizes 1,8 --steps 16,64,256 --sections latency \
+        --samplers ancestral,confidence,threshold,remdm,semi_ar
 CPU, training throughput / MFU of the default config (eager, batch 32 x 256):
     python bench.py --size tiny --sections throughput
 GPU, the paper's setting (1.3B, batch 8, L = 1024, 16 steps; the roofline prediction beside it):
@@ -35,7 +39,8 @@ from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
 from tinydiff.loop import make_optimizer
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.sampler import ar_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
                              matmul_flops, measure, plot_quality, print_table, roofline,
                              weight_params)
@@ -47,6 +52,9 @@ parser.add_argument("--size", default="tiny", choices=list(SIZES), help="random-
 parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: 256 tiny, 1024 others)")
 parser.add_argument("--batch_sizes", type=int_list, default=[1, 8, 32], help="comma list of batch sizes")
 parser.add_argument("--steps", type=int_list, default=[8, 16, 32, 64, 128, 256], help="comma list of diffusion steps")
+parser.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ancestral"],
+                    help="latency and quality: comma list of diffusion samplers (docs/samplers.md; their knobs below); "
+                         "ancestral rows are labelled 'diffusion'")
 parser.add_argument("--runs", type=int, default=5, help="timed runs per row (median, min-max); >= 5 for a table")
 parser.add_argument("--nocache_batches", type=int_list, default=[1],
                     help="batch sizes that also get the AR-without-cache row (O(L^2) work: slow)")
@@ -68,6 +76,7 @@ parser.add_argument("--compile", default="auto", choices=["auto", "true", "false
                     help="auto = on for CUDA only; both = time everything eager and compiled")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 parser.add_argument("--seed", type=int, default=0, help="seed for weights and sampling")
+add_sampler_args(parser, choose=False)  # the knobs of --samplers
 args = parser.parse_args()
 
 
@@ -118,11 +127,12 @@ def latency(L):
         for compiled in modes:
             net = torch.compile(mdlm, dynamic=False) if compiled else mdlm  # one specialised graph per batch size
             forward_ms[(B, compiled)] = measure(lambda: net(z), device, args.runs, warmup=2)[0]["ms_median"]
-            for K in args.steps:
-                run = lambda k=K: diffusion_sample(net, B, L, k, mask_id, generator=gen(), device=device)
+            for name, K in [(name, K) for name in args.samplers for K in args.steps]:
+                run = lambda k=K, n=name: sample(n, net, (B, L), k, mask_id, gen(), L, device, **knobs[n])
                 # warm-up with at most 8 steps: the same forward shape (so compilation is done), and cheap
                 stats, (_, nfe) = measure(run, device, args.runs, warmup=1, warmup_fn=lambda: run(min(K, 8)))
-                rows.append({"sampler": "diffusion", "how": "compiled" if compiled else "eager", "batch": B,
+                rows.append({"sampler": "diffusion" if name == "ancestral" else name, "method": name,
+                             "knobs": knobs[name], "how": "compiled" if compiled else "eager", "batch": B,
                              "steps": K, "nfe": nfe, **stats,
                              "overhead": stats["ms_median"] / nfe / forward_ms[(B, compiled)]})
         prompt = torch.full((B, 1), bos, dtype=torch.long, device=device)  # (B, 1): one start token, L - 1 generated
@@ -230,17 +240,20 @@ def quality():
             cache = model.new_cache(b, L + 1, dtype=wdtype, prefix_only=not modes[-1])
             decode = compiled_decode(model, cache, modes[-1])[0]
             start = torch.full((b, 1), bos, dtype=torch.long, device=device)  # (b, 1)
-            generate = lambda K, seed: ar_sample(model, b, L + 1, start, gen(seed), decode=decode, cache=cache)
+            generate = lambda n, K, seed: ar_sample(model, b, L + 1, start, gen(seed), decode=decode, cache=cache)
         else:
             net = torch.compile(model, dynamic=False) if modes[-1] else model
-            generate = lambda K, seed: diffusion_sample(net, b, L, K, ck["mask_id"], generator=gen(seed), device=device)
-        for K in ([None] if ck["kind"] == "ar" else args.quality_steps):
-            generate(K, 999)  # warm-up
-            stats, outs = measure(lambda: [generate(K, i) for i in range(n_batches)], device, runs=1, warmup=0)
+            generate = lambda n, K, seed: sample(n, net, (b, L), K, ck["mask_id"], gen(seed), L, device, **knobs[n])
+        points = [("ar", None)] if ck["kind"] == "ar" else [(n, K) for n in args.samplers for K in args.quality_steps]
+        for name, K in points:
+            generate(name, K, 999)  # warm-up
+            stats, outs = measure(lambda: [generate(name, K, i) for i in range(n_batches)], device, runs=1, warmup=0)
             samples = torch.cat([x[:, 1:] if ck["kind"] == "ar" else x for x, _ in outs])  # (n, L); AR: no start token
             judge_tokens = retokenize(samples, tok, judge_tok, judge.cfg.seq_len + 1) if retok else None  # it reads L-1
             m = sample_metrics(samples, judge, judge_tokens)
-            rows.append({"model": label, "kind": ck["kind"], "steps": K, "nfe": outs[0][1], "samples": len(samples),
+            rows.append({"model": label if name in ("ar", "ancestral") else f"{label}:{name}", "kind": ck["kind"],
+                         "sampler": name, "knobs": knobs.get(name), "steps": K, "nfe": outs[0][1],
+                         "samples": len(samples),
                          "ms_per_sample": stats["ms_median"] / len(samples), "gen_ppl": m["gen_ppl"],
                          "entropy": m["entropy"], "self_bleu": m["self_bleu"]})
     return rows
@@ -249,6 +262,8 @@ def quality():
 def report_latency(rows, forward_ms, L):
     print(f"\nLATENCY: one batch of {L}-token sequences; ms: median [min-max] of {args.runs} runs; AR generates L-1 "
           f"tokens after a start token; vs AR = fastest cached AR / row; step/fwd = (ms / NFE) / bare forward ms")
+    print("samplers: " + "; ".join(describe(n, k) + (" (rows 'diffusion')" if n == "ancestral" else "")
+                                   for n, k in knobs.items()) + "; NFE: network calls actually made")
     shown = [{**r, "ms": f"{r['ms_median']:.1f} [{r['ms_min']:.1f}-{r['ms_max']:.1f}]"} for r in rows]
     print_table(shown, [("sampler", "sampler", ""), ("how", "how", ""), ("batch", "batch", "d"),
                         ("steps", "steps", "d"), ("NFE", "nfe", "d"), ("ms/batch", "ms", ""),
@@ -273,8 +288,9 @@ def report_latency(rows, forward_ms, L):
 
 
 def main():
-    global device, dtype, modes, wdtype, autocast
+    global device, dtype, modes, wdtype, autocast, knobs
     validate(args)
+    knobs = {n: knobs_from_args(n, args) for n in args.samplers}  # checked before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     device, _ = pick_device(args.device)
@@ -321,7 +337,8 @@ def main():
     if "quality" in sections:
         with torch.no_grad():
             result["quality"] = q = quality()
-        print(f"\nQUALITY vs LATENCY ({len(q) and q[0]['samples']} samples per point, batch {args.sample_batch})")
+        print(f"\nQUALITY vs LATENCY ({len(q) and q[0]['samples']} samples per point, batch {args.sample_batch}; "
+              f"MDLM samplers: {'; '.join(describe(n, k) for n, k in knobs.items())})")
         print_table(q, [("model", "model", ""), ("steps", "steps", "d"), ("NFE", "nfe", "d"),
                         ("ms/sample", "ms_per_sample", ".1f"), ("gen PPL", "gen_ppl", ".2f"),
                         ("entropy", "entropy", ".3f"), ("self-BLEU", "self_bleu", ".3f")])

@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, get_tokenizer, load_meta, prepare
+from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
-from tinydiff.sampler import diffusion_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import add_tcs_args, build_tcs
 
@@ -59,10 +59,11 @@ parser.add_argument("--teacher_steps", type=int, default=None,
 parser.add_argument("--n_teacher_steps", type=int, default=2,
                     help="sdtt: teacher steps per target (paper: 2; 4 and 8 did worse)")
 parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
-                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, mse (log-probs), "
-                         "tvd (0.5 sum |p - q|)")
+                    help="sdtt divergence: kl_bwd = KL(student||teacher) (paper default), kl_fwd, "
+                         "mse (log-probs, mean over the vocabulary: paper eq. 11), tvd (0.5 sum |p - q|)")
 add_tcs_args(parser)
 add_run_args(parser)
+add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs
 # flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
 parser.set_defaults(data=None, tokenizer=None, max_iters=None, lr=None, warmup=None, ema=None, batch_size=None,
                     eval_interval=None, ckpt_interval=None, eval_tokens=None)
@@ -90,6 +91,7 @@ def main():
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
                         f"{'MDLM' if args.method == 'sdtt' else 'AR model'} trained with train.py)")
+    knobs = knobs_from_args(args.sampler, args)  # the end-of-run sample's, checked before any work
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
 
@@ -122,6 +124,8 @@ def main():
 
     if args.method == "sdtt":
         # ------------------------------------------------------------------ SDTT: student = copy of the teacher
+        if args.dropout_sites:  # else the teacher's (a converted DiT: the official residual-only sites)
+            tckpt["config"] = dict(tckpt["config"], dropout_sites=args.dropout_sites)
         student = model_from_checkpoint(tckpt, device, use_ema=args.teacher_ema).train()
         cfg, mask_id = student.cfg, tckpt["mask_id"]
         args.seq_len = args.seq_len or cfg.seq_len
@@ -197,13 +201,23 @@ def main():
     check_space(args.out_dir, checkpoint_bytes(student, 5 + 2 * args.rounds if args.method == "sdtt" else 4))
     print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"data {data_dir}, seq_len {args.seq_len}")
-    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens)[0].to(device)  # (N, L) same as train.py
+    # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
+    args.framing = args.framing or tckpt.get("framing", "none")
+    meta["framing"] = args.framing
+    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens,  # (N, L) same as train.py
+                            args.framing)[0].to(device)
 
     def evaluate(m):  # the data-only NELBO bound of the student (SDTT students drift from it: expected)
         return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
 
     meta.update(config=cfg.to_dict(), args=vars(args))
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
+    if args.framing == "bos_eos":  # [BOS] + L - 2 tokens + [EOS] (tinydiff/data.py)
+        if args.method == "tcs":
+            raise UserError("--framing bos_eos is for SDTT from a model trained on framed windows; TCS uses "
+                            "plain windows (drop --framing)")
+        run["get_batch"] = framed_batches(tok.eot_id)
+        print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
         loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
         hooks += list(tcs_hooks)
@@ -213,14 +227,14 @@ def main():
     # one sample from the final weights at the step count the checkpoint records
     final = load_checkpoint(f"{args.out_dir}/ckpt.pt")
     gen = make_generator(args.seed, device)
-    x, _ = diffusion_sample(model_from_checkpoint(final, device), 1, args.seq_len, final["sample_steps"], mask_id,
-                            generator=gen, device=device)
-    print("-" * 24 + f" sample ({final['sample_steps']} steps) " + "-" * 24)
+    x, nfe = sample(args.sampler, model_from_checkpoint(final, device), (1, args.seq_len), final["sample_steps"],
+                    mask_id, gen, cfg.seq_len, device, **knobs)
+    print("-" * 16 + f" sample: {describe(args.sampler, knobs)}, {final['sample_steps']} steps, NFE {nfe} " + "-" * 16)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
     emit({"method": args.method, "sample_steps": final["sample_steps"], "params": student.num_params(),
           **({"rounds": args.rounds, "teacher_steps": args.teacher_steps, "loss": args.loss} if args.method == "sdtt"
-             else {}), **summary})
+             else {}), **summary, "sampler": args.sampler, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":

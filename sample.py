@@ -3,9 +3,12 @@
     python sample.py --ckpt out/ckpt.pt                          # MDLM, steps = the checkpoint's default
     python sample.py --ckpt out/ckpt.pt --steps 64 --prompt "def " --num_samples 4
     python sample.py --ckpt out-ar/ckpt.pt --top_p 0.95 --out samples.jsonl
+    python sample.py --ckpt out/ckpt.pt --sampler threshold --tau 0.9         # any sampler of docs/samplers.md
+    python sample.py --ckpt out/ckpt.pt --sampler semi_ar --seq_len 1024 --block_len 64   # past the context
 
-MDLM samples with the ancestral sampler (float64 draws, a prompt is a clamped prefix); AR with its
-static KV cache (an unconditional sample starts from the end-of-text token).
+MDLM samples with --sampler (default ancestral; float64 draws, a prompt is a clamped prefix); AR with its
+static KV cache (an unconditional sample starts from the end-of-text token; --temperature/--top_k/--top_p
+apply, the other knobs do not).
 """
 import argparse
 import json
@@ -19,7 +22,8 @@ from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_c
                              model_from_checkpoint, pick_device, pick_dtype, write_error)
 from tinydiff.data import get_tokenizer
 from tinydiff.outdir import check_writable
-from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.sampler import ar_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py or distill.py")
@@ -28,14 +32,12 @@ parser.add_argument("--num_samples", type=int, default=2, help="how many samples
 parser.add_argument("--batch_size", type=int, default=8, help="samples generated at once")
 parser.add_argument("--seq_len", type=int, default=None, help="tokens per sample, prompt included (default: model context)")
 parser.add_argument("--prompt", default="", help="text the sample starts with (clamped prefix for MDLM)")
-parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
-parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
 parser.add_argument("--seed", type=int, default=0, help="same seed + same device = same samples")
 parser.add_argument("--out", default=None, help="also write the samples to this .jsonl file")
 parser.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network only; draws are float64)")
+add_sampler_args(parser)  # --sampler and its knobs (--temperature, --top_k, --top_p for every sampler)
 args = parser.parse_args()
 
 
@@ -49,8 +51,13 @@ def main():
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context = model.cfg.seq_len
     seq_len = args.seq_len or context
-    if seq_len > context:
-        raise UserError(f"--seq_len {seq_len} is beyond the model's context {context}: use --seq_len {context} or less")
+    if ckpt["kind"] == "ar":  # one AR sampler: it takes the common knobs only
+        name, knobs = "ar", knobs_from_args("ancestral", args)  # ancestral's knobs: the common ones
+    else:
+        name, knobs = args.sampler, knobs_from_args(args.sampler, args)
+    if seq_len > context and name != "semi_ar":
+        raise UserError(f"--seq_len {seq_len} is beyond the model's context {context}: use --seq_len {context} or less "
+                        f"(or --sampler semi_ar)")
     dtype, _ = pick_dtype(args.dtype, device)
     autocast = autocast_ctx(device, dtype)
 
@@ -71,27 +78,29 @@ def main():
         b = min(args.batch_size, args.num_samples - start)
         p = torch.tensor(prompt, dtype=torch.long, device=device).expand(b, -1)  # (b, P)
         if ckpt["kind"] == "ar":
-            x, nfe = ar_sample(net, b, seq_len, p, gen, args.temperature, args.top_k, args.top_p,
-                               cache=model.new_cache(b, seq_len, cache_dtype))
+            x, nfe = ar_sample(net, b, seq_len, p, gen, **knobs, cache=model.new_cache(b, seq_len, cache_dtype))
             x = x[:, 1:] if not args.prompt else x  # drop the end-of-text start token
         else:
             init = torch.full((b, seq_len), ckpt["mask_id"], dtype=torch.long, device=device)
             init[:, :len(prompt)] = p  # clamped prefix
-            x, nfe = diffusion_sample(net, b, seq_len, steps, ckpt["mask_id"], init=init, generator=gen, device=device,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+            x, nfe = sample(name, net, init, steps, ckpt["mask_id"], gen, context, **knobs)
         nfe_total += nfe
         texts += [tok.decode(row.tolist()) for row in x]
     seconds = time.time() - t0
+    print(f"sampler: {describe(name, knobs)}" + (f", steps {steps}" if name != "ar" else "")
+          + f" | NFE {nfe_total} | {seconds:.2f}s")
     for i, text in enumerate(texts):
         print(f"{'=' * 30} sample {i} {'=' * 30}\n{text}")
     if args.out:
-        lines = [json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt}) + "\n" for text in texts]
+        lines = [json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt, "sampler": name,
+                             "sampler_knobs": knobs}) + "\n" for text in texts]
         try:
             commit_files({Path(args.out): "".join(lines).encode()})
         except OSError as e:
             raise UserError(f"could not write --out {args.out} ({write_error(e, args.out)})") from None
     emit({"num_samples": len(texts), "steps": steps if ckpt["kind"] == "mdlm" else None, "nfe": nfe_total,
-          "seconds": seconds, "tokens_per_sec": len(texts) * seq_len / seconds, "kind": ckpt["kind"]})
+          "seconds": seconds, "tokens_per_sec": len(texts) * seq_len / seconds, "kind": ckpt["kind"],
+          "sampler": name, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":

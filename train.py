@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, get_tokenizer, load_meta, prepare
+from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
-from tinydiff.sampler import ar_sample, diffusion_sample
+from tinydiff.sampler import ar_sample
+from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="mdlm", choices=["mdlm", "ar"], help="masked diffusion LM or causal AR baseline")
@@ -36,6 +37,7 @@ parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
 add_run_args(parser)
+add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs (AR: --temperature/--top_k/--top_p)
 # the CPU default: ~8.5 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 0.86M-parameter model beats
 # train.py's earlier 2.8M default (6L/192d: 2.7x fewer tokens in the same time), as compute-optimal scaling predicts
 parser.set_defaults(seq_len=256, max_iters=1300, batch_size=16, lr=3e-3, warmup=100, eval_interval=650)
@@ -54,6 +56,8 @@ def main():
             raise UserError(f"{args.out_dir}/ckpt.pt was written by distill.py --method {resume['method']}: "
                             f"resume it with distill.py, or use another --out_dir")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")
+    sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
+    knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
 
@@ -71,11 +75,15 @@ def main():
             raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
                             f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
+        if args.dropout_sites:  # else the checkpoint's (a converted DiT: the official residual-only sites)
+            init["config"]["dropout_sites"] = args.dropout_sites
         cfg = ModelConfig(**init["config"])
     else:
         cfg = ModelConfig(vocab_size=tok.vocab_size + (args.model == "mdlm"), n_layer=args.n_layer, n_head=args.n_head,
                           n_embd=args.n_embd, seq_len=args.seq_len, causal=args.model == "ar", dropout=args.dropout,
-                          tie_embeddings=args.tie_embeddings)
+                          tie_embeddings=args.tie_embeddings, dropout_sites=args.dropout_sites or "all")
+    # window framing: the flag, else the loaded checkpoint's (a published MDLM: bos_eos), else none
+    args.framing = args.framing or (resume or init or {}).get("framing", "none")
     if args.seq_len > cfg.seq_len:  # a fresh model has seq_len = args.seq_len; a loaded one keeps its context
         source = "the checkpoint" if resume is not None else "--init_from"
         raise UserError(f"--seq_len {args.seq_len} is beyond {source}'s context {cfg.seq_len}: "
@@ -96,7 +104,8 @@ def main():
             logits = fwd(x[:, :-1])  # (B, L, V)
             return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), {}
     window = val_window_len(args.model, args.seq_len)
-    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens)[0].to(device)  # (N, window)
+    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens,  # (N, window)
+                            args.framing)[0].to(device)
     # (AR and MDLM score exactly the same held-out tokens: see heldout_windows)
 
     def evaluate(m):
@@ -104,22 +113,27 @@ def main():
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "sample_steps": args.seq_len if args.model == "mdlm" else None}
+            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
+            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing}
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
+    if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
+        run["get_batch"] = framed_batches(tok.eot_id)
+        print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     summary = train(model, loss_fn, evaluate, args, run, meta, resume)
 
     # show what the model learned: one sample from the weights eval/sample use (EMA when on)
     sampler_model = model_from_checkpoint(load_checkpoint(f"{args.out_dir}/ckpt.pt"), device)
     gen = make_generator(args.seed, device)
     if args.model == "mdlm":
-        x, _ = diffusion_sample(sampler_model, 1, args.seq_len, args.seq_len, mask_id, generator=gen, device=device)
+        x, nfe = sample(sampler, sampler_model, (1, args.seq_len), args.seq_len, mask_id, gen, cfg.seq_len, device,
+                        **knobs)
     else:
-        x, _ = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), generator=gen)
+        x, nfe = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), gen, **knobs)
         x = x[:, 1:]
-    print("-" * 30 + " sample " + "-" * 30)
+    print("-" * 20 + f" sample: {describe(sampler, knobs)}, {args.seq_len} steps, NFE {nfe} " + "-" * 20)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
-    emit({"model": args.model, "params": model.num_params(), **summary})
+    emit({"model": args.model, "params": model.num_params(), **summary, "sampler": sampler, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":

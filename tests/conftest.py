@@ -14,6 +14,17 @@ for path in (os.path.dirname(HERE), HERE):  # repo root (tinydiff) and tests/ (h
 from harness import OracleAR, OracleDenoiser, Toy  # noqa: E402
 
 
+def gpt2_or_skip():
+    """The GPT-2 tokenizer if this environment can load it (tiktoken installed and its vocabulary cached,
+    e.g. TIKTOKEN_CACHE_DIR set, or downloaded once online), else skip the test. Tests never point at a
+    cache outside the repository themselves: a fresh clone offline skips these and passes."""
+    from tinydiff.data import get_tokenizer
+    try:
+        return get_tokenizer("gpt2")
+    except Exception as e:  # DataError: tiktoken missing or no cached vocabulary offline
+        pytest.skip(f"gpt2 tokenizer unavailable here: {e}")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end or statistical test (still run in CI)")
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import gpt2_or_skip
 from tinydiff import data
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare, stdlib_files, val_windows
 
-TIKTOKEN_CACHE = "/work/shared/tiktoken_cache"
 TEXT = "".join(f"line {i}: héllo wörld ✓ 日本語 {'x' * (i % 7)}\n" for i in range(200))
 
 
@@ -32,13 +32,7 @@ def write(path, text):
 
 @pytest.fixture
 def gpt2():
-    if not os.path.isdir(TIKTOKEN_CACHE):
-        pytest.skip("no pre-seeded tiktoken cache")
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    try:
-        return get_tokenizer("gpt2")
-    except DataError as e:
-        pytest.skip(f"gpt2 tokenizer unavailable offline: {e}")
+    return gpt2_or_skip()
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -228,6 +222,19 @@ def test_get_batch(prepared):
     v = get_batch(prepared, "val", 4, 16)
     assert v.shape == (4, 16)
 
+
+def test_framed_batches_are_mdlm_chunks(prepared):
+    """bos_eos framing (MDLM's _group_texts): [eot] + seq_len - 2 consecutive tokens of the split + [eot]."""
+    x = data.framed_batches(256)(prepared, "train", 8, 32, torch.Generator().manual_seed(0))  # (8, 32)
+    assert x.shape == (8, 32) and (x[:, 0] == 256).all() and (x[:, -1] == 256).all()
+    train = ids_of(prepared / "train.bin").tolist()
+    windows = {tuple(train[i:i + 30]) for i in range(len(train) - 29)}
+    assert all(tuple(row) in windows for row in x[:, 1:-1].tolist())  # the middle: real text of the split
+    # the middle is the unframed batch of 30 tokens drawn with the same generator state
+    plain = get_batch(prepared, "train", 8, 30, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 1:-1], plain)
+    with pytest.raises(DataError, match="no room"):
+        data.framed_batches(256)(prepared, "train", 2, 2)
 
 def test_val_windows(prepared):
     val = torch.from_numpy(ids_of(prepared / "val.bin").astype(np.int64))

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 
+from conftest import gpt2_or_skip
 from tinydiff import data
 from tinydiff.data import DataError, get_tokenizer, load_meta, prepare, prepare_documents
 
@@ -53,13 +54,7 @@ def test_prepare_documents_any_container(tmp_path):
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_pool_gives_the_same_bytes(tmp_path, monkeypatch, tokenizer):
     if tokenizer == "gpt2":
-        if not os.path.isdir("/work/shared/tiktoken_cache") and "TIKTOKEN_CACHE_DIR" not in os.environ:
-            pytest.skip("no cached GPT-2 vocabulary")
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken_cache")
-        try:
-            get_tokenizer("gpt2")
-        except DataError as e:
-            pytest.skip(str(e))
+        gpt2_or_skip()
     monkeypatch.setattr(data, "CHUNK_DOCS", 3)  # 23 documents -> 7 tasks over 2 processes
     one = prepare_documents("p", DOCS[:20], DOCS[20:], tokenizer, root=tmp_path / "one", num_proc=1)
     two = prepare_documents("p", DOCS[:20], DOCS[20:], tokenizer, root=tmp_path / "two", num_proc=2)

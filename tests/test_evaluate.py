@@ -21,17 +21,18 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import gpt2_or_skip
 from harness import exact_sampler_law, z_threshold
 from tinydiff.common import UserError
 from tinydiff.data import get_tokenizer
-from tinydiff.evaluate import (_lambada_inputs, check_judge, heldout_windows, judge_nll, lambada, mean_entropy,
-                               read_lambada, sample_metrics, self_bleu, split_last_word, unigram_entropy, val_metrics)
+from tinydiff.evaluate import (_lambada_inputs, check_judge, corpus_nll, heldout_windows, judge_nll, lambada,
+                               mdlm_judge_tokens, mean_entropy, read_lambada, sample_metrics, self_bleu,
+                               split_last_word, unigram_entropy, val_metrics)
 from tinydiff.sampler import diffusion_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIKTOKEN_CACHE = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
 ALPHA = 1e-4
 
 
@@ -109,6 +110,104 @@ def test_gen_ppl_of_diffusion_samples_follows_the_exact_sampler_law(toy, oracle,
         assert abs(got - exact[K]) < z_threshold(ALPHA, 2) * se, (K, got, exact[K])
 
 
+# ---------------------------------------------------------------- the two gen PPL protocols, by hand
+
+class BigramJudge(nn.Module):
+    """A causal judge with a known table: log p(next = w | current = v) = log_softmax(table[v])[w]."""
+
+    def __init__(self, V=257, seed=0):
+        super().__init__()
+        self.table = torch.randn(V, V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+
+    def forward(self, idx):
+        return self.table[idx].float()  # (B, T, V)
+
+    def logp(self, v, w):
+        return torch.log_softmax(self.table[v], -1)[w].item()
+
+
+EOT = 256
+
+
+def byte_samples(rows, L=24):
+    """(n, L) byte-tokenizer samples from pieces: str -> its bytes, None -> end-of-text; padded with 'z'."""
+    out = []
+    for pieces in rows:
+        ids = [t for p in pieces for t in ([EOT] if p is None else list(p.encode()))]
+        out.append(ids + [ord("z")] * (L - len(ids)))
+    assert all(len(r) == L for r in out)
+    return torch.tensor(out)
+
+
+ROWS = [["ab . cd", None, "e", None, "gh"],  # two end-of-texts in one chunk: MDLM keeps only the first
+        ["it 's here ."],  # clean-up shortens it by two bytes; no end-of-text: its first pad gets scored
+        ["no end in this one at all"[:24]],  # the longest of the group: no padding, no end-of-text scored
+        [None, "starts with one", None]]
+
+
+def test_sdtt_gen_ppl_by_hand():
+    """SDTT's run_eval: the judge reads the ids as sampled; per sample the mean NLL of tokens 2..L with every
+    end-of-text counted; gen NLL = the mean over samples, gen PPL = exp of it."""
+    x, judge = byte_samples(ROWS), BigramJudge()
+    per = [sum(-judge.logp(r[j - 1], r[j]) for j in range(1, len(r))) / (len(r) - 1) for r in x.tolist()]
+    m = sample_metrics(x, judge, batch_size=3)
+    assert m["gen_ppl_protocol"] == "sdtt"
+    assert m["gen_nll"] == pytest.approx(sum(per) / len(per), rel=1e-6)
+    assert m["gen_ppl"] == pytest.approx(math.exp(sum(per) / len(per)), rel=1e-6)
+    assert m["gen_nll_se"] == pytest.approx(np.std(per, ddof=1) / math.sqrt(len(per)), rel=1e-5)
+
+
+def test_mdlm_gen_ppl_by_hand():
+    """MDLM's compute_generative_perplexity, written out: batch_decode (end-of-text as <|endoftext|>,
+    transformers' clean-up), re-tokenise (truncated to the model length), pad each group of 8 with end-of-text,
+    chunks of the judge's context, score tokens 2.. of each chunk except end-of-texts after the chunk's first;
+    gen NLL = total NLL / total scored tokens."""
+    tok, judge, L, ctx = get_tokenizer("bytes"), BigramJudge(), 24, 10
+    x = byte_samples(ROWS, L)
+    cleanup = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+               (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+    seqs = []
+    for r in x.tolist():  # the decoded text as one string, cleaned, then re-encoded around the special token
+        text = "".join("<|endoftext|>" if t == EOT else chr(t) for t in r)
+        for a, b in cleanup:
+            text = text.replace(a, b)
+        ids = []
+        for k, part in enumerate(text.split("<|endoftext|>")):
+            ids += ([EOT] if k else []) + list(part.encode())
+        seqs.append(ids[:L])
+    assert seqs[1][:10] == list(b"it's here.") and len(seqs[1]) == L - 2
+    T = max(len(q) for q in seqs)  # one group: all 4 samples padded together
+    total = count = 0.0
+    for q in seqs:
+        q = q + [EOT] * (T - len(q))
+        for lo in range(0, T, ctx):
+            chunk, seen = q[lo:lo + ctx], 0
+            for j, t in enumerate(chunk):
+                seen += t == EOT
+                if j > 0 and (t != EOT or seen == 1):
+                    total, count = total + -judge.logp(chunk[j - 1], t), count + 1
+    got = mdlm_judge_tokens(x, tok, tok, L)
+    assert [g.tolist() for g in got] == seqs
+    m = sample_metrics(x, judge, got, protocol="mdlm", judge_eot=EOT, judge_context=ctx)
+    assert m["gen_ppl_protocol"] == "mdlm" and m["gen_tokens"] == count
+    assert m["gen_nll"] == pytest.approx(total / count, rel=1e-6)
+    assert m["gen_ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    # per sample: the ratio estimator's standard error, and the quirks one at a time
+    sums, counts = corpus_nll(judge, got, EOT, ctx)
+    assert sums.sum().item() == pytest.approx(total, rel=1e-6) and counts.sum().item() == count
+    r = total / count
+    se = math.sqrt(((sums - r * counts) ** 2).sum().item() / (4 * 3)) / counts.mean().item()
+    assert m["gen_nll_se"] == pytest.approx(se, rel=1e-6)
+    # every row is padded to 24 (sample 2), chunks of 10, 10, 4: 9 + 9 + 3 = 21 scored positions at most
+    assert len(seqs[0]) == 23 and counts[0].item() == 21 - 1  # its end-of-text at 8 follows the one at 6: dropped
+    assert len(seqs[1]) == 22 and counts[1].item() == 21 - 1  # pads at 22, 23: the first is scored as its end
+    assert len(seqs[2]) == 24 and counts[2].item() == 21
+    assert counts[3].item() == 21  # end-of-text at 0 is context; the one at 16 is chunk 2's first: scored
+    # the two protocols differ on the same samples: say which one produced a number
+    assert abs(sample_metrics(x, judge)["gen_nll"] - m["gen_nll"]) > 1e-3
+    with pytest.raises(UserError, match="unknown gen PPL protocol"):
+        sample_metrics(x, judge, protocol="duo")
+
 # ---------------------------------------------------------------- entropy, self-BLEU
 
 
@@ -174,6 +273,26 @@ def test_heldout_windows_score_the_same_tokens(tmp_path):
     assert val_metrics(Uniform(), "ar", ar)["val_loss"] == pytest.approx(math.log(250))
 
 
+def test_framed_heldout_windows(tmp_path):
+    """framing bos_eos: both kinds get the same windows [eot] + L-2 consecutive val tokens + [eot]; the MDLM
+    bound scores all L positions (MDLM's val loss counts BOS and EOS), the AR model the L-1 after the first."""
+    vals = np.arange(1000, dtype=np.uint16) % 250
+    (tmp_path / "val.bin").write_bytes(vals.tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"val_tokens": len(vals), "eot_id": 250}))
+    mdlm, n1 = heldout_windows(tmp_path, "mdlm", 32, 200, framing="bos_eos")
+    ar, n2 = heldout_windows(tmp_path, "ar", 32, 200, framing="bos_eos")
+    assert mdlm.shape == ar.shape == (6, 32) and torch.equal(mdlm, ar)
+    assert (n1, n2) == (6 * 32, 6 * 31)
+    assert (mdlm[:, 0] == 250).all() and (mdlm[:, -1] == 250).all()
+    assert torch.equal(mdlm[:, 1:-1].flatten(), torch.from_numpy(vals[:6 * 30].astype(np.int64)))
+
+    class Uniform(nn.Module):  # exact NLL log V on every token
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, 251)
+    assert val_metrics(Uniform(), "ar", ar)["val_loss"] == pytest.approx(math.log(251))
+    with pytest.raises(UserError, match="unknown framing"):
+        heldout_windows(tmp_path, "mdlm", 32, 200, framing="bos")
+
 # ---------------------------------------------------------------- LAMBADA with constructed models
 
 PASSAGES = [
@@ -215,35 +334,34 @@ class FakeLM(nn.Module):
 
 
 def tokenizer_or_skip(name):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
-    try:
-        return get_tokenizer(name)
-    except Exception as e:  # gpt2 without tiktoken or without its cached vocabulary
-        pytest.skip(f"{name} tokenizer unavailable: {e}")
+    return gpt2_or_skip() if name == "gpt2" else get_tokenizer(name)
 
 
+@pytest.mark.parametrize("framing", ["sdtt", "none"])
 @pytest.mark.parametrize("tok_name", ["bytes", "gpt2"])
 @pytest.mark.parametrize("kind", ["ar", "mdlm"])
-def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name):
+def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name, framing):
     tok = tokenizer_or_skip(tok_name)
     path = tmp_path / "lambada.jsonl"
     path.write_text("".join(json.dumps({"text": t + ("\n" if i == 1 else "")}) + "\n" for i, t in enumerate(PASSAGES)))
     passages = read_lambada(path)
     assert [p[1] for p in passages] == [" hippopotamus", " Bartholomew", " rainbow"]
     assert all(c + t == p.rstrip() for (c, t), p in zip(passages, PASSAGES))
-    inputs, truncated = _lambada_inputs(tok, passages, kind, seq_len=512)
+    inputs, truncated = _lambada_inputs(tok, passages, kind, 512, framing)
     assert truncated == 0
-    seqs = [ids for ids, _ in inputs]
-    c1, m1 = inputs[1][1], len(seqs[1]) - inputs[1][1]
+    seqs = [ids for ids, _, _ in inputs]
+    c1, m1 = inputs[1][1:]
     assert m1 >= 2, "the test needs a multi-token target"
     mask_id = tok.vocab_size if kind == "mdlm" else None
     vocab = tok.vocab_size + (kind == "mdlm")
-    run = lambda model: lambada(model, kind, tok, passages, 512, mask_id, draws=16, seed=0, batch_size=8)
+    run = lambda model: lambada(model, kind, tok, passages, 512, mask_id, draws=16, seed=0, batch_size=8,
+                                framing=framing)
 
     oracle = run(FakeLM(seqs, vocab, kind == "ar", mask_id))
     assert oracle["acc"] == 1.0 and oracle["n"] == 3 and oracle["correct"] == [True, True, True]
+    assert oracle["framing"] == framing
     per_token = math.log1p((vocab - 1 - (kind == "mdlm")) * math.exp(-FakeLM.LOGIT))  # NLL of the right token
-    words = sum(len(s) - c for s, (_, c) in zip(seqs, inputs))
+    words = sum(m for _, _, m in inputs)
     if kind == "ar":  # exact per-word NLL
         assert oracle["nll"] == pytest.approx(per_token * words / 3, rel=1e-4)
     else:  # a Monte-Carlo bound whose expectation is (1 - eps) * the exact value here
@@ -258,11 +376,76 @@ def test_lambada_oracle_and_one_wrong_token(tmp_path, kind, tok_name):
 def test_lambada_truncates_long_contexts_from_the_left():
     tok = get_tokenizer("bytes")
     passages = [split_last_word("abcdefghij klm")]  # context 'abcdefghij', target ' klm'
-    (ids, c), = _lambada_inputs(tok, passages, "mdlm", seq_len=8)[0]
-    assert bytes(ids[:c]) == b"ghij" and bytes(ids[c:]) == b" klm"
-    (ids, c), = _lambada_inputs(tok, passages, "ar", seq_len=8)[0]
+    (ids, c, m), = _lambada_inputs(tok, passages, "mdlm", seq_len=8)[0]
+    assert bytes(ids[:c]) == b"ghij" and bytes(ids[c:]) == b" klm" and m == 4
+    (ids, c, m), = _lambada_inputs(tok, passages, "ar", seq_len=8)[0]
     assert bytes(ids[:c]) == b"fghij"  # an AR model reads context + target minus its last token
     assert _lambada_inputs(tok, passages, "ar", seq_len=64)[1] == 0
+    # SDTT's framing keeps BOS (and the diffusion model's EOS) and truncates the context between them
+    (ids, c, m), = _lambada_inputs(tok, passages, "mdlm", seq_len=10, framing="sdtt")[0]
+    assert ids == [256] + list(b"ghij klm") + [256] and (c, m) == (5, 4)
+    (ids, c, m), = _lambada_inputs(tok, passages, "ar", seq_len=8, framing="sdtt")[0]
+    assert ids == [256] + list(b"ghij klm") and (c, m) == (5, 4)
+
+
+class FramingSensitiveMDLM(nn.Module):
+    """A denoiser whose answer depends on the framing it sees: at every position it predicts the answer
+    byte of that position when the input starts and ends with end-of-text (SDTT's clamped BOS/EOS), and the
+    byte 'x' otherwise. It records its inputs."""
+
+    def __init__(self, answer, eot=256, mask_id=257):
+        super().__init__()
+        self.answer, self.eot, self.mask_id, self.seen = answer, eot, mask_id, []
+
+    def forward(self, idx):
+        self.seen.append(idx.clone())
+        framed = (idx[:, :1] == self.eot) & (idx[:, -1:] == self.eot)  # (B, 1)
+        want = torch.tensor(self.answer, dtype=torch.long)[None, :idx.shape[1]].expand(len(idx), -1)  # (B, T)
+        tok = torch.where(framed, want, torch.full_like(want, ord("x")))
+        return torch.nn.functional.one_hot(tok, self.mask_id + 1).float() * 10  # (B, T, V)
+
+
+class FramingSensitiveAR(nn.Module):
+    """An AR model that predicts the true next byte only when the sequence starts with end-of-text (BOS)."""
+
+    def __init__(self, seq, eot=256):
+        super().__init__()
+        self.seq, self.eot = seq, eot
+
+    def forward(self, idx):
+        framed = idx[:, :1] == self.eot  # (B, 1)
+        nxt = torch.tensor(self.seq[1:idx.shape[1] + 1], dtype=torch.long)[None].expand(len(idx), -1)  # (B, T)
+        tok = torch.where(framed, nxt, torch.full_like(nxt, ord("x")))
+        return torch.nn.functional.one_hot(tok, 257).float() * 10  # (B, T, V)
+
+
+def test_lambada_framing_is_what_the_model_sees():
+    """SDTT's protocol ([BOS] + context + [MASK] x m + [EOS], EOS clamped; [BOS] + context for GPT-2) against
+    none, on models that answer right only when they see the framing; the default is SDTT's."""
+    tok = get_tokenizer("bytes")
+    passages = [split_last_word("the cat sat on the mat")]
+    framed = [256] + list(b"the cat sat on the mat") + [256]
+    model = FramingSensitiveMDLM(framed)
+    run = lambda m, kind, framing: lambada(m, kind, tok, passages, 64, 257 if kind == "mdlm" else None, draws=4,
+                                           seed=0, batch_size=8, framing=framing)
+    out = run(model, "mdlm", "sdtt")
+    assert out["acc"] == 1.0 and out["framing"] == "sdtt"
+    rows = model.seen[0]  # (1 + draws, n): the accuracy row, then the bound's rows
+    assert rows[0].tolist() == [256] + list(b"the cat sat on the") + [257] * 4 + [256]  # [BOS] ctx [MASK]x4 [EOS]
+    assert (rows[:, 0] == 256).all() and (rows[:, -1] == 256).all()  # BOS and EOS clamped in every row
+    assert (rows[:, 1:-5] == rows[0, 1:-5]).all()  # the context too
+    assert out["nll"] < 2 * 4 * math.log1p(256 * math.exp(-10))  # the right token everywhere: ~its exact NLL
+    model.seen.clear()
+    out = run(model, "mdlm", "none")
+    assert out["acc"] == 0.0 and out["framing"] == "none" and out["nll"] > 4
+    assert model.seen[0][0].tolist() == list(b"the cat sat on the") + [257] * 4
+    assert run(FramingSensitiveMDLM(framed), "mdlm", None)["acc"] == 1.0  # the default: SDTT's framing
+
+    ar = FramingSensitiveAR(framed)
+    assert run(ar, "ar", "sdtt")["acc"] == 1.0 and run(ar, "ar", None)["framing"] == "sdtt"
+    assert run(ar, "ar", "none")["acc"] == 0.0
+    with pytest.raises(UserError, match="unknown LAMBADA framing"):
+        run(ar, "ar", "bos")
 
 
 # ---------------------------------------------------------------- eval.py end to end
@@ -270,14 +453,16 @@ def test_lambada_truncates_long_contexts_from_the_left():
 
 def run_scripts(jobs, cwd):
     """Run several scripts at once (each mostly waits on its torch import), return their results."""
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.path.abspath(TIKTOKEN_CACHE), "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, *args in jobs]
     outputs = [p.communicate(timeout=300) for p in procs]  # (stdout, stderr); sets returncode
     return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
+# a small play-like corpus written here (tests read nothing outside the repository): ~9 kB, two speakers
+PLAY = "".join(f"{('ROMEO', 'JULIET')[i % 2]}:\nO gentle night, thy {('moon', 'star', 'rose')[i % 3]} is {i % 7} times "
+               f"more fair than day.\n\n" for i in range(160))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
         "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt"]
 
@@ -286,8 +471,8 @@ TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", 
 def ckpts(tmp_path_factory):
     """An AR model (bytes) and an MDLM (gpt2), tiny, 2 iterations each, written by train.py."""
     tmp = tmp_path_factory.mktemp("eval")
-    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
-        (tmp / "tiny.txt").write_text(f.read(8000))
+    gpt2_or_skip()  # the MDLM below uses GPT-2 ids, so that --retokenize is exercised against a bytes judge
+    (tmp / "tiny.txt").write_text(PLAY)
     jobs = [("train.py", *TINY, "--model", "ar", "--out_dir", "ar"),
             ("train.py", *TINY, "--tokenizer", "gpt2", "--out_dir", "mdlm_gpt2")]
     for r in run_scripts(jobs, tmp):
@@ -343,3 +528,41 @@ def test_check_judge():
     with pytest.raises(UserError, match="--retokenize"):
         check_judge(other, bytes_tok, False, "j.pt")
     assert check_judge(other, bytes_tok, retokenize=True, path="j.pt") is True
+
+
+@pytest.mark.slow
+def test_eval_script_names_every_protocol(tmp_path):
+    """eval.py on a checkpoint that records framing bos_eos (as hub.py writes for MDLM's DiT): the val bound on
+    framed windows, gen PPL under MDLM's protocol, LAMBADA under SDTT's framing by default; each named in the
+    output and the JSON. Then the other protocols by flag. Everything generated here (bytes, tiny corpus)."""
+    (tmp_path / "tiny.txt").write_text("".join(f"def f{i % 7}(x):\n    return x + {i % 5}\n\n" for i in range(300)))
+    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    tiny = [*TINY[:-1], "tiny.txt", "--device", "cpu", "--compile", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *tiny, *extra], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in (["--model", "ar", "--out_dir", "ar"], ["--framing", "bos_eos", "--out_dir", "mdlm"])]
+    for p in train:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert torch.load(tmp_path / "mdlm" / "ckpt.pt", weights_only=False)["framing"] == "bos_eos"
+    common = ["--ckpt", "mdlm/ckpt.pt", "--judge", "ar/ckpt.pt", "--steps", "2", "--num_samples", "3",
+              "--batch_size", "3", "--val_tokens", "64", "--lambada", "lambada.jsonl", "--lambada_draws", "2",
+              "--device", "cpu"]
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "eval.py"), *common, *extra], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["--gen_ppl_protocol", "mdlm"],
+                          ["--framing", "none", "--lambada_framing", "none"])]
+    (paper, plain) = [(p, *p.communicate(timeout=300)) for p in runs]
+    for p, out, err in (paper, plain):
+        assert p.returncode == 0, err[-2000:]
+    p, out, _ = paper
+    js = json.loads(out.strip().splitlines()[-1])
+    assert js["val_framing"] == "bos_eos" and "framing bos_eos" in out
+    assert js["gen_ppl_protocol"] == "mdlm" and "gen PPL protocol mdlm" in out
+    assert all(r["gen_ppl_protocol"] == "mdlm" and r["gen_ppl"] > 1 for r in js["rows"])
+    assert js["lambada_framing"] == "sdtt" and "LAMBADA protocol: framing sdtt: [BOS] + context + [MASK]" in out
+    p, out, _ = plain
+    js = json.loads(out.strip().splitlines()[-1])
+    assert (js["val_framing"], js["gen_ppl_protocol"], js["lambada_framing"]) == ("none", "sdtt", "none")
+    assert all(r["gen_ppl_protocol"] == "sdtt" for r in js["rows"])

@@ -146,12 +146,43 @@ def test_load_mdlm_owt_offline(tmp_path, monkeypatch):
     assert (ckpt["kind"], ckpt["mask_id"], ckpt["sample_steps"]) == ("mdlm", 50257, 16)
     assert ckpt["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
     assert ckpt["config"]["vocab_size"] == 50258 and ckpt["args"]["data"] == "owt"
+    # MDLM trained on [BOS] + L-2 tokens + [EOS] chunks with residual-only dropout: recorded for later scripts
+    assert ckpt["framing"] == "bos_eos" and ckpt["config"]["dropout_sites"] == "residual"
+    assert model_from_checkpoint(ckpt).blocks[0].attn.dropout == 0.0 and model_from_checkpoint(ckpt).drop.p == 0.0
     save_checkpoint(ckpt, tmp_path / "ckpt.pt")  # self-describing: loads back with no other file
     model = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.pt"))
     idx = torch.randint(0, 50258, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), reference_dit(sd, idx, 2), atol=1e-5, rtol=1e-5)
 
+
+SDTT_CONFIG = {"time_conditioning": False, "model": {"type": "ddit-orig", "n_heads": 2, "length": 16, "dropout": 0.1},
+               "parameterization": {"orig_num_sampling_steps": 1024, "grow_dt_every": 10000,
+                                    "min_num_sampling_steps": 8}}
+
+
+def test_sdtt_student_load_says_raw_weights(tmp_path, monkeypatch, capsys):
+    """SDTT's Hub revisions hold the raw state_dict (its push_to_hub), while the paper evaluates the EMA:
+    loading one says so; MDLM's own repository gets no such note."""
+    fake_repo(tmp_path, monkeypatch, SDTT_CONFIG, random_dit(V=50258, C=16, H=2, n_blocks=1,
+                                                             prefix="backbone.backbone."))
+    ckpt = load_checkpoint("hf:jdeschena/sdtt@baselines_kld_step_70000")
+    assert ckpt["sample_steps"] == 8
+    out = capsys.readouterr().out
+    assert "RAW (non-EMA)" in out and "EMA weights" in out
+    load_checkpoint("hf:kuleshov-group/mdlm-owt")
+    assert "non-EMA" not in capsys.readouterr().out
+
+
+def test_dit_without_time_embedder_is_a_clear_error(tmp_path, monkeypatch):
+    """A Hub revision of another model type (SDTT's non-adaptive `ddit`: no sigma_map) is refused with a
+    UserError naming what is missing and the model type, not a KeyError deep in the conversion."""
+    sd = {k: v for k, v in random_dit(V=50258, C=16, H=2, n_blocks=1).items() if "sigma_map" not in k}
+    with pytest.raises(UserError, match="no time embedder"):
+        hub.convert_dit(sd, n_head=2, seq_len=16)
+    fake_repo(tmp_path, monkeypatch, dict(SDTT_CONFIG, model=dict(SDTT_CONFIG["model"], type="ddit")), sd)
+    with pytest.raises(UserError, match=r"jdeschena/sdtt@some_rev \(model type 'ddit'\): .*sigma_map"):
+        load_checkpoint("hf:jdeschena/sdtt@some_rev")
 
 def hub_style_gpt2(V=50257, C=8, H=2, n_layer=1, P=16, seed=0):
     """GPT-2 as its hub files store it: no 'transformer.' prefix, no lm_head, causal-mask buffers."""
@@ -178,6 +209,7 @@ def test_load_gpt2_offline(tmp_path, monkeypatch):
     assert (ckpt["kind"], ckpt["mask_id"], ckpt["sample_steps"]) == ("ar", None, None)
     c = ckpt["config"]
     assert c["causal"] and c["tie_embeddings"] and c["pos_emb"] == "learned" and c["gelu_approx"] == "tanh"
+    assert ckpt["framing"] == "none" and c.get("dropout_sites", "all") == "all"  # GPT-2: plain text, all sites
     model = model_from_checkpoint(ckpt)
     assert model.head.weight is model.tok_emb.weight
 

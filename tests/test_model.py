@@ -89,3 +89,44 @@ def test_tie_embeddings_shares_weights():
 def test_config_round_trip():
     model = make(True)
     assert ModelConfig(**model.cfg.to_dict()) == model.cfg
+
+
+def test_dropout_sites():
+    """dropout_sites="residual" (the official DiT: bias_dropout_add_scale only) leaves the input embeddings and
+    the attention probabilities alone and still drops the residual branches; "all" (tinydiff's default,
+    GPT-2's sites) drops all three. Eval mode drops nothing in either."""
+    import tinydiff.model as model_module
+    idx = torch.randint(0, 17, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def build(sites, n_layer):
+        torch.manual_seed(0)
+        return Transformer(ModelConfig(vocab_size=17, n_layer=n_layer, n_head=2, n_embd=16, seq_len=9, dropout=0.5,
+                                       dropout_sites=sites))
+
+    # no blocks: only the embedding dropout can act
+    for sites, changes in (("residual", False), ("all", True)):
+        m = build(sites, 0)
+        with torch.no_grad():
+            ref = m.eval()(idx)
+            assert (not torch.allclose(m.train()(idx), ref)) == changes, sites
+    # the attention-probability dropout handed to SDPA
+    seen, sdpa = [], model_module.F.scaled_dot_product_attention
+
+    def spy(*a, dropout_p=0.0, **k):
+        seen.append(dropout_p)
+        return sdpa(*a, dropout_p=dropout_p, **k)
+    for sites, p in (("residual", 0.0), ("all", 0.5)):
+        m = build(sites, 1).train()
+        seen.clear()
+        model_module.F.scaled_dot_product_attention = spy
+        try:
+            with torch.no_grad():
+                out = m(idx)
+        finally:
+            model_module.F.scaled_dot_product_attention = sdpa
+        assert seen == [p], sites
+        with torch.no_grad():  # the residual branches still drop out in training, and nothing in eval mode
+            assert not torch.allclose(out, m.eval()(idx))
+            assert torch.equal(m(idx), m(idx))
+    with pytest.raises(AssertionError, match="dropout_sites"):
+        Transformer(ModelConfig(vocab_size=17, n_layer=1, n_head=2, n_embd=16, seq_len=9, dropout_sites="attn"))

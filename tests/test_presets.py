@@ -28,6 +28,7 @@ def test_preset_sets_defaults_and_flags_win(capsys):
     assert (args.lr, args.max_iters) == (1e-4, 7)  # given explicitly: kept
     assert (args.n_layer, args.n_embd, args.n_head, args.seq_len) == (12, 768, 12, 1024)
     assert (args.batch_size * args.grad_accum, args.warmup, args.ema, args.dropout) == (512, 2500, 0.9999, 0.1)
+    assert (args.framing, args.dropout_sites) == ("bos_eos", "residual")  # MDLM's chunks and DiT dropout sites
     assert (args.data, args.tokenizer, args.dtype, args.lr_schedule) == ("owt", "gpt2", "bfloat16", "constant")
     assert args.preset == "mdlm-owt-small"
     out = capsys.readouterr().out
@@ -71,3 +72,12 @@ def test_costs():
     assert sdtt["tokens"] == 7 * 10_000 * 128 * 1024  # the paper: 70k steps x 128 x 1024
     assert sdtt["gpu_hours"] < small["gpu_hours"] / 10
     assert preset_cost("mdlm-owt-large")["params"] > preset_cost("mdlm-owt-medium")["params"] > small["params"]
+
+
+def test_paper_presets_frame_like_mdlm():
+    """Every preset that trains or distils on MDLM's data uses its [BOS] + 1022 + [EOS] chunks and the official
+    DiT's residual-only dropout; no preset leaves them to the tinydiff defaults."""
+    for name, p in PRESETS.items():
+        assert (p["framing"], p["dropout_sites"]) == ("bos_eos", "residual"), name
+    args = apply_preset(train_like_parser(), [])
+    assert (args.framing, args.dropout_sites) == (None, None)  # no preset: the checkpoint's / tinydiff's defaults

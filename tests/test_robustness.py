@@ -111,10 +111,12 @@ BAD_FLAGS = [  # (script, flags, words the error line must hold): the QA cases a
     ("distill.py", ["--grad_accum", "0"], ["--grad_accum 0"]),
     ("sample.py", ["--steps", "0"], ["--steps 0", "at least 1"]),
     ("sample.py", ["--steps", "-3"], ["--steps -3"]),
-    ("sample.py", ["--temperature", "-1"], ["--temperature -1", "negative"]),
+    ("sample.py", ["--temperature", "-1"], ["--temperature -1", ">= 0"]),  # knobs: tinydiff/samplers.py
+    ("sample.py", ["--temperature", "nan"], ["--temperature nan"]),
     ("sample.py", ["--top_k", "-5"], ["--top_k -5"]),
     ("sample.py", ["--top_p", "0"], ["--top_p 0", "(0, 1]"]),
     ("sample.py", ["--top_p", "1.5"], ["--top_p 1.5"]),
+    ("sample.py", ["--sampler", "threshold", "--tau", "2"], ["--tau 2"]),
     ("sample.py", ["--num_samples", "0"], ["--num_samples 0"]),
     ("sample.py", ["--batch_size", "0"], ["--batch_size 0"]),
     ("sample.py", ["--seq_len", "0"], ["--seq_len 0"]),
@@ -390,7 +392,7 @@ def test_sample_steps_and_temperature_are_as_asked(tmp_path, corpus):
     """QA 21: --steps 0 silently became 32 and --temperature -1 silently meant greedy (both errors now);
     temperature 0 is greedy, as documented: the same samples whatever the seed."""
     run("train.py", "--data", corpus, "--max_iters", 2, "--eval_interval", 2, "--out_dir", "out", *TINY, cwd=tmp_path)
-    for flags, words in ((["--steps", 0], ["--steps 0"]), (["--temperature", -1], ["negative"])):
+    for flags, words in ((["--steps", 0], ["--steps 0"]), (["--temperature", -1], [">= 0"])):
         check_error(run("sample.py", "--ckpt", "out/ckpt.pt", *flags, cwd=tmp_path, check=False), *words)
     greedy = [run("sample.py", "--ckpt", "out/ckpt.pt", "--steps", 4, "--temperature", 0, "--seed", s, "--device", "cpu",
                   cwd=tmp_path).stdout.rsplit("\n{", 1)[0] for s in (0, 1)]  # the samples, not the timings

@@ -80,7 +80,8 @@ def brute_force(kind, ls, lt, masked, mask_id):
                 continue
             a, c = ls[b, i, v].item(), lt[b, i, v].item()
             p, q = np.exp(a), np.exp(c)
-            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2, "tvd": 0.5 * abs(p - q)}[kind]
+            d += {"kl_bwd": p * (a - c), "kl_fwd": q * (c - a), "mse": (a - c) ** 2 / ls.shape[-1],  # mean over V
+                  "tvd": 0.5 * abs(p - q)}[kind]
         vals.append(d)
     return sum(vals) / len(vals)
 
@@ -107,6 +108,23 @@ def test_divergence_values_and_gradient(kind):
         stepped = masked_log_probs(student_logits - 1e-3 * grad / grad.norm(), mask_id).double()
         assert divergence(stepped, lt, masked, kind, mask_id) < d
 
+
+
+def test_mse_is_a_mean_over_the_vocabulary_as_the_official_mse_loss():
+    """Paper eq. 11 weights the squared log-prob error by 1/|Ω|; the official `_mse` is F.mse_loss over the
+    (masked positions, vocabulary) entries, i.e. a mean over both. Its [MASK] column carries the same
+    large negative log-prob on both sides (a finite -inf), so it adds 0 and counts in |V|."""
+    g = torch.Generator().manual_seed(3)
+    B, L, V, mask_id = 2, 4, 7, 6
+    ls = masked_log_probs(torch.randn(B, L, V, generator=g, dtype=torch.float64), mask_id)  # (B, L, V)
+    lt = masked_log_probs(torch.randn(B, L, V, generator=g, dtype=torch.float64), mask_id)
+    masked = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    finite = lambda lp: lp.clamp_min(-1e6)  # the official code's finite stand-in for -inf
+    official = torch.nn.functional.mse_loss(finite(ls)[masked], finite(lt)[masked])  # mean over 4 x 7 entries
+    assert divergence(ls, lt, masked, "mse", mask_id).item() == pytest.approx(official.item(), rel=1e-12)
+    by_hand = sum(((ls[b, i, v] - lt[b, i, v]) ** 2).item() for b, i in masked.nonzero().tolist()
+                  for v in range(V - 1)) / (4 * V)
+    assert divergence(ls, lt, masked, "mse", mask_id).item() == pytest.approx(by_hand, rel=1e-12)
 
 # ----------------------------------------------------------------------------- ground truth: distillation works
 
@@ -214,7 +232,7 @@ def test_distillation_moves_the_fast_sampler_toward_the_slow_one(toy, oracle):
 # ----------------------------------------------------------------------------- distill.py end to end
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--data", "/work/shared/data/tinyshakespeare.txt", "--device", "cpu"]
+        "--eval_tokens", "256", "--data", "play.txt", "--device", "cpu"]
 ROUNDS = ["--rounds", "2", "--iters_per_round", "3", "--teacher_steps", "8", "--batch_size", "2",
           "--eval_tokens", "64", "--warmup", "2", "--device", "cpu"]
 
@@ -242,6 +260,9 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sdtt")
+    # a small corpus written here (tests read nothing outside the repository)
+    (d / "play.txt").write_text("".join(f"KING {i % 5}:\nWhat light through yonder window {i % 9} breaks?\n\n"
+                                        for i in range(300)))
     run("train.py", *TINY, "--max_iters", 3, "--eval_interval", 3, "--out_dir", "mdlm", cwd=d)
     return d
 
@@ -279,6 +300,31 @@ def test_rounds_checkpoints_and_exact_resume(teacher_dir):
         s = last_json(run("sample.py", "--ckpt", f"straight/round{r}.pt", "--num_samples", 1, "--device", "cpu", cwd=d))
         assert s["steps"] == steps and s["nfe"] <= steps + 1
 
+
+@pytest.mark.slow
+def test_framed_teacher_is_distilled_on_framed_windows(tmp_path):
+    """A teacher that records framing bos_eos and residual-only dropout (what hub.py writes for MDLM's DiT):
+    distill.py trains and evaluates on [BOS] + L-2 + [EOS] windows and the student records both; --framing
+    none overrides."""
+    d = tmp_path
+    (d / "tiny.txt").write_text("".join(f"def f{i % 7}(x):\n    return x + {i % 5}\n\n" for i in range(300)))
+    run("train.py", *TINY[:-3], "tiny.txt", "--device", "cpu", "--max_iters", 1, "--eval_interval", 1,
+        "--out_dir", "mdlm", cwd=d)
+    ckpt = load(d / "mdlm" / "ckpt.pt")
+    ckpt["framing"] = "bos_eos"
+    ckpt["config"] = dict(ckpt["config"], dropout=0.1, dropout_sites="residual")
+    torch.save(ckpt, d / "framed.pt")
+    common = ["--teacher", "framed.pt", "--rounds", "1", "--iters_per_round", "2", "--teacher_steps", "8",
+              "--batch_size", "2", "--eval_tokens", "64", "--device", "cpu", "--compile", "false"]
+    p = run("distill.py", *common, "--out_dir", "framed", cwd=d)
+    assert "windows framed as [BOS] + 30 tokens + [EOS]" in p.stdout
+    out = load(d / "framed" / "ckpt.pt")
+    assert out["framing"] == "bos_eos" and out["args"]["framing"] == "bos_eos"
+    assert out["config"]["dropout_sites"] == "residual"
+    p = run("distill.py", *common, "--framing", "none", "--dropout_sites", "all", "--out_dir", "plain", cwd=d)
+    assert "windows framed" not in p.stdout
+    out = load(d / "plain" / "ckpt.pt")
+    assert out["framing"] == "none" and out["config"]["dropout_sites"] == "all"
 
 def check_error(p, *words):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr

@@ -92,6 +92,23 @@ def test_checkpoint_round_trip_and_sampling(tmp_path, corpus):
     assert c.stdout != a.stdout  # another seed, other samples
 
 
+@pytest.mark.slow
+def test_framing_and_dropout_sites_are_recorded_and_inherited(tmp_path, corpus):
+    """--framing bos_eos trains on [BOS] + L-2 + [EOS] windows and records it; --init_from a framed checkpoint
+    keeps its framing and dropout sites unless a flag says otherwise."""
+    p = run("train.py", "--data", corpus, "--max_iters", 2, "--eval_interval", 2, "--out_dir", "framed", *TINY,
+            "--framing", "bos_eos", "--dropout_sites", "residual", "--dropout", 0.1, cwd=tmp_path)
+    assert "windows framed as [BOS] + 30 tokens + [EOS]" in p.stdout
+    ckpt = torch.load(tmp_path / "framed" / "ckpt.pt", weights_only=False)
+    assert ckpt["framing"] == "bos_eos" and ckpt["config"]["dropout_sites"] == "residual"
+    run("train.py", "--data", corpus, "--max_iters", 1, "--eval_interval", 1, "--out_dir", "child", *TINY,
+        "--init_from", "framed/ckpt.pt", cwd=tmp_path)
+    child = torch.load(tmp_path / "child" / "ckpt.pt", weights_only=False)
+    assert child["framing"] == "bos_eos" and child["config"]["dropout_sites"] == "residual"
+    run("train.py", "--data", corpus, "--max_iters", 1, "--eval_interval", 1, "--out_dir", "plain", *TINY, cwd=tmp_path)
+    plain = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=False)
+    assert plain["framing"] == "none" and plain["config"]["dropout_sites"] == "all"  # tinydiff's own defaults
+
 def check_error(p, *words):
     """Bad input: non-zero exit, a one-line 'error:' message naming the problem, no traceback."""
     assert p.returncode != 0

@@ -371,6 +371,30 @@ def get_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu"
     return windows_at(data, ix, seq_len, device)
 
 
+# Window framing. "none": a window is seq_len consecutive tokens of the split (tinydiff's own models).
+# "bos_eos": [BOS] + seq_len - 2 consecutive tokens + [EOS] with BOS = EOS = the end-of-text id, the chunks
+# MDLM and SDTT trained on (mdlm dataloader.py _group_texts: documents joined with EOS, cut into blocks of
+# L - 2, each wrapped). A model trained that way has only ever seen end-of-text at positions 0 and L - 1;
+# it is evaluated and distilled on windows framed the same way (checkpoint field "framing").
+FRAMINGS = ("none", "bos_eos")
+
+
+def frame(x, eot_id):
+    """[BOS] + x + [EOS] per row, BOS = EOS = eot_id: (B, W - 2) -> (B, W)."""
+    e = torch.full((x.shape[0], 1), eot_id, dtype=x.dtype, device=x.device)  # (B, 1)
+    return torch.cat([e, x, e], 1)  # (B, W)
+
+
+def framed_batches(eot_id):
+    """A get_batch for bos_eos windows: the same signature, rows of `seq_len` tokens of which the first and
+    last are eot_id and the middle seq_len - 2 a random window of the split."""
+    def get(data_dir, split, batch_size, seq_len, generator=None, device="cpu"):
+        if seq_len < 3:
+            raise DataError(f"a framed window of {seq_len} tokens has no room for text between BOS and EOS")
+        return frame(get_batch(data_dir, split, batch_size, seq_len - 2, generator, device), eot_id)  # (B, seq_len)
+    return get
+
+
 def windows_at(data, starts, seq_len, device="cpu"):
     """(B, seq_len) int64 windows of a token array at the given starts (B,), on device."""
     x = torch.stack([torch.from_numpy(data[i:i + seq_len].astype(np.int64)) for i in starts.tolist()])  # (B, L)

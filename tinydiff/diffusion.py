@@ -2,6 +2,12 @@
 
 Notation: x clean tokens (B, L); z_t noised tokens where each position is [MASK] with probability
 1 - alpha_t; mask_id = the last embedding row. Sahoo et al. 2024 (MDLM), eqs. 8-11.
+
+The NELBO is a bound up to O(eps) only, as MDLM's: alpha_1 = eps (not 0), so at t = 1 each token is
+still clean with probability eps, and the prior term for that state is dropped; training and the held-out
+bound also draw t from [eps_t, 1]. The estimate can therefore dip below the model's true NLL by O(eps)
+nats per token (tests/test_diffusion.py test_exact_bound_is_tight_for_the_oracle: exact for eps = 0, within
+L G (eps + 2 eps_t) of it at the defaults).
 """
 import contextlib
 import math
@@ -97,7 +103,8 @@ def nelbo_terms(logits, x, z, t, schedule, mask_id):
 
 def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3):
     """Continuous-time MDLM loss on a clean batch x (B, L): draw stratified t, mask, denoise.
-    Returns (loss per token, t, z). The loss is an unbiased estimate of the per-token NELBO."""
+    Returns (loss per token, t, z). The loss is an unbiased estimate of the per-token NELBO, which
+    bounds the NLL up to O(eps) (module docstring)."""
     t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
     z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
     terms = nelbo_terms(model(z), x, z, t, schedule, mask_id)  # (B, L)
@@ -139,7 +146,7 @@ def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_
 def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
     """Per-token NELBO (nats) of held-out windows val_x (N, L): the mean of val_bound_windows, so every
     model is scored on the same tokens and noise, whatever the batch size. exp(bound) upper-bounds the
-    diffusion model's perplexity."""
+    diffusion model's perplexity up to O(eps) (alpha_1 = eps and the dropped prior term: module docstring)."""
     return val_bound_windows(model, val_x, schedule, mask_id, n_draws, seed, batch_size, eps_t, autocast).mean().item()
 
 

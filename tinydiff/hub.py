@@ -5,6 +5,19 @@
     load_pretrained("hf:OWNER/NAME[@REVISION]")                     any repository with the same DiT (or a GPT-2)
     load_pretrained("gpt2"), "gpt2-medium", "gpt2-large", "gpt2-xl" OpenAI GPT-2 as an AR model (teacher, judge)
 
+Published weights, said precisely: every jdeschena/sdtt revision was pushed from a training checkpoint's raw
+`state_dict` (SDTT's push_to_hub.py); the EMA weights, which the paper samples and evaluates with
+(`from_ema: True`), are not in the files. So an SDTT Hub student is the raw student, not the model of the
+paper's tables; load_pretrained prints this note when it loads one (not for teacher_1M_sm, which has no
+step in its name: push_to_hub's path for the original kuleshov-group/mdlm-owt weights). Only MDLM's DiT
+converts: a revision of another model type (no time embedder, sigma_map, e.g. SDTT's non-adaptive
+`ddit`) is refused with a UserError.
+
+Framing: MDLM and SDTT trained on [BOS] + 1022 tokens + [EOS] chunks (BOS = EOS = GPT-2's end-of-text;
+mdlm dataloader.py _group_texts), so a converted DiT checkpoint records framing "bos_eos" and the scripts
+evaluate (val bound) and distil it on windows framed the same way (tinydiff/data.py frame). Its dropout is
+the official DiT's: on the residual branches only (dropout_sites "residual", tinydiff/model.py).
+
 Each returns a checkpoint dict in the format train.py writes (kind, config, model, tokenizer, mask_id,
 sample_steps, args), so every script takes it where it takes a checkpoint path (common.load_checkpoint
 dispatches here). Downloads go through huggingface_hub's cache; the optional packages are imported
@@ -137,6 +150,10 @@ def convert_dit(sd, n_head, seq_len=1024, dropout=0.0):
     sd = _strip_prefix(sd, "vocab_embed.embedding")
     if sd is None:
         raise UserError("these weights are not MDLM's DiT (no vocab_embed.embedding key) nor GPT-2")
+    if "sigma_map.mlp.0.weight" not in sd:
+        raise UserError("these DiT weights have no time embedder (no sigma_map.* keys): another model type than "
+                        "MDLM's DiT (e.g. SDTT's non-adaptive `ddit`), which tinydiff does not convert; use a "
+                        "revision with MDLM's DiT (model type dit / ddit-orig)")
     emb = sd["vocab_embed.embedding"]  # (V, C)
     V, C = emb.shape
     n_layer = len([k for k in sd if re.fullmatch(r"blocks\.\d+\.norm1\.weight", k)])
@@ -166,7 +183,7 @@ def convert_dit(sd, n_head, seq_len=1024, dropout=0.0):
                   "head.weight": _f32(sd["output_layer.linear.weight"]), "head.bias": _f32(sd["output_layer.linear.bias"])})
     config = {"vocab_size": V, "n_layer": n_layer, "n_head": n_head, "n_embd": C, "seq_len": seq_len, "causal": False,
               "dropout": dropout, "tie_embeddings": False, "rope_base": 10000.0, "pos_emb": "rope",
-              "gelu_approx": "tanh", "head_bias": True}
+              "gelu_approx": "tanh", "head_bias": True, "dropout_sites": "residual"}  # the official DiT's dropout
     return config, state
 
 
@@ -241,7 +258,9 @@ def make_checkpoint(kind, config, state, sample_steps=None, source=None):
     return {"kind": kind, "config": config, "model": state, "ema": None, "tokenizer": dict(GPT2_TOKENIZER),
             "mask_id": GPT2_TOKENIZER["vocab_size"] if kind == "mdlm" else None,  # 50257, the last embedding row
             "sample_steps": sample_steps, "data_dir": None, "iter": 0, "source": source,
-            # both families were trained on (Open)WebText with the GPT-2 tokenizer at 1024 tokens
+            # both families were trained on (Open)WebText with the GPT-2 tokenizer at 1024 tokens; MDLM/SDTT on
+            # [BOS] + 1022 tokens + [EOS] chunks (module docstring), GPT-2 on plain text
+            "framing": "bos_eos" if kind == "mdlm" else "none",
             "args": {"data": "owt", "tokenizer": "gpt2", "seq_len": config["seq_len"]}}
 
 
@@ -266,7 +285,16 @@ def load_pretrained(spec, device="cpu"):
         ckpt = make_checkpoint("ar", *convert_gpt2(sd, n_head, activation, dropout), source=spec)
     else:
         n_head, seq_len, dropout, steps = _dit_settings(config, revision)
-        ckpt = make_checkpoint("mdlm", *convert_dit(sd, n_head, seq_len, dropout), sample_steps=steps, source=spec)
+        try:
+            converted = convert_dit(sd, n_head, seq_len, dropout)
+        except UserError as e:
+            m = config["model"] if isinstance(config.get("model"), dict) else config
+            kind = m.get("type") or m.get("backbone") or config.get("model_type")
+            raise UserError(f"{spec}" + (f" (model type {kind!r})" if kind else "") + f": {e}") from None
+        ckpt = make_checkpoint("mdlm", *converted, sample_steps=steps, source=spec)
+        if repo == "jdeschena/sdtt" and revision != "teacher_1M_sm":
+            print(f"note: {spec} holds the RAW (non-EMA) weights of that training checkpoint (SDTT's push_to_hub "
+                  f"stored its state_dict); the paper's numbers are for the EMA weights, which are not published")
     ckpt["model"] = {k: v.to(device) for k, v in ckpt["model"].items()}
     return ckpt
 

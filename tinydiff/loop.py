@@ -33,19 +33,22 @@ from tqdm import tqdm
 
 from . import dist
 from .common import EMA, UserError, save_checkpoint, write_error
-from .data import get_batch
+from .data import FRAMINGS, get_batch
+from .model import DROPOUT_SITES
 from .diffusion import data_parallel_noise
+from .samplers import sampler_flags
 
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
 INTERRUPTED = 130  # after Ctrl-C (128 + SIGINT), likewise
 STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", PREEMPTED), signal.SIGINT: ("Ctrl-C", INTERRUPTED)}
 
-# Flags a resumed run may change (the one list; --help prints it). Everything else -- data, tokenizer,
-# architecture, seed, EMA, weight decay (kept in the optimizer state), the eval windows and draws (the
-# history must compare like with like), the distillation recipe -- comes from the checkpoint.
+# Flags a resumed run may change (the one list; --help prints it): the schedule, intervals, batch split,
+# runtime, and the sampler of the end-of-run sample. Everything else -- data, tokenizer, architecture,
+# framing, seed, EMA, weight decay (kept in the optimizer state), the eval windows and draws (the history
+# must compare like with like), the distillation recipe -- comes from the checkpoint.
 RESUMABLE = ("max_iters", "lr", "min_lr", "lr_schedule", "warmup", "grad_clip", "batch_size", "grad_accum",
              "eval_interval", "ckpt_interval", "ckpt_minutes", "log_interval", "device", "dtype", "compile",
-             "tcs_cache_mb", "teacher_elems")
+             "tcs_cache_mb", "teacher_elems", "sampler", *sampler_flags())
 NOT_COMPARED = ("resume", "overwrite", "out_dir")  # where and how the run is continued, not what it is
 
 
@@ -59,6 +62,13 @@ def add_run_args(p):
     p.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per training window (default: the model's)")
+    p.add_argument("--framing", default=None, choices=FRAMINGS,
+                   help="training and held-out windows: none (plain token windows) or bos_eos ([BOS] + L-2 tokens "
+                        "+ [EOS], BOS = EOS = end-of-text, as MDLM/SDTT trained); default: the loaded checkpoint's, "
+                        "else none")
+    p.add_argument("--dropout_sites", default=None, choices=DROPOUT_SITES,
+                   help="where dropout applies: all (embeddings, attention probabilities, residual branches) or "
+                        "residual (the official DiT's); default: the loaded checkpoint's, else all")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min_lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
     p.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"],

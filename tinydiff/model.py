@@ -9,7 +9,10 @@ Pre-LayerNorm blocks, rotary position embeddings, F.scaled_dot_product_attention
 untied output head by default (MDLM small is untied). Three options exist only so that published
 weights load exactly (tinydiff/hub.py); their defaults change nothing: pos_emb="learned" (GPT-2's
 absolute position table instead of rotary), gelu_approx="tanh" (GPT-2's gelu_new and MDLM's DiT MLP)
-and head_bias (MDLM's DiT output layer has a bias).
+and head_bias (MDLM's DiT output layer has a bias). A fourth matches how the official DiT trains:
+dropout_sites="residual" drops out only the two residual branches of each block (MDLM's
+bias_dropout_add_scale; its attention has dropout 0 and its embeddings none), where tinydiff's default
+"all" also drops attention probabilities and the input embeddings (GPT-2's sites). Inference is the same.
 """
 import math
 from dataclasses import dataclass, asdict
@@ -17,6 +20,9 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+DROPOUT_SITES = ("all", "residual")
 
 
 @dataclass
@@ -33,6 +39,7 @@ class ModelConfig:
     pos_emb: str = "rope"      # "rope" (rotary) or "learned" (GPT-2: absolute table added to the embeddings)
     gelu_approx: str = "none"  # F.gelu's approximate=: "none" (erf) or "tanh" (GPT-2's gelu_new, MDLM's DiT)
     head_bias: bool = False    # bias on the output head (MDLM's DiT final linear has one)
+    dropout_sites: str = "all"  # "all": embeddings, attention probabilities, residual branches; "residual": those only
 
     def to_dict(self):
         return asdict(self)
@@ -87,7 +94,8 @@ class Attention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.causal, self.dropout = cfg.causal, cfg.dropout
+        self.causal = cfg.causal
+        self.dropout = cfg.dropout if cfg.dropout_sites == "all" else 0.0  # on attention probabilities
 
     def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None):
         B, T, C = x.shape
@@ -130,11 +138,12 @@ class Transformer(nn.Module):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0, "head dim must be even"
         assert cfg.pos_emb in ("rope", "learned") and cfg.gelu_approx in ("none", "tanh"), "unknown pos_emb/gelu_approx"
+        assert cfg.dropout_sites in DROPOUT_SITES, f"dropout_sites must be one of {DROPOUT_SITES}"
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_emb == "learned":
             self.pos_emb = nn.Embedding(cfg.seq_len, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout if cfg.dropout_sites == "all" else 0.0)  # on the input embeddings
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)

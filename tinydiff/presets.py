@@ -11,8 +11,10 @@ What each costs (tokens, estimated GPU hours from the FLOP count): `python -m ti
 Sources: MDLM (Sahoo et al. 2024) section 4 / appendix and its repository (configs/config.yaml,
 configs/model/small.yaml, medium.yaml): AdamW lr 3e-4 (betas 0.9/0.999, no weight decay), 2.5k linear
 warm-up then constant, global batch 512 x 1024 tokens, 1M steps, bf16, grad clip 1, EMA 0.9999, dropout
-0.1. -medium (24/1024/16) is MDLM's medium config, -large (24/1536/16) SDTT's large scaling model; the
-SDTT scaling teachers trained 400k steps, which these two presets use. SDTT (Deschenaux & Gulcehre 2025)
+0.1, windows [BOS] + 1022 tokens + [EOS] (--framing bos_eos: mdlm dataloader.py), dropout on the residual
+branches only (--dropout_sites residual: models/dit.py). -medium (24/1024/16) is MDLM's medium config,
+-large (24/1536/16) SDTT's large scaling model; the SDTT scaling teachers trained 400k steps, which these
+two presets use. SDTT (Deschenaux & Gulcehre 2025)
 section 4: 7 rounds x 10k steps, batch 128, lr 6e-5, 500 warm-up, teacher 1024 steps, EMA 0.9999.
 The global batch is micro-batch x accumulation; sizes are set for one 80 GB GPU.
 """
@@ -20,8 +22,10 @@ import torch
 
 _OWT = dict(data="owt", tokenizer="gpt2", seq_len=1024, dtype="bfloat16", weight_decay=0.0, grad_clip=1.0,
             lr_schedule="constant", ema=0.9999)
+# MDLM's data and network, not only its optimiser: [BOS] + 1022 tokens + [EOS] windows (mdlm _group_texts) and
+# dropout on the residual branches only (its DiT's and AR baseline's bias_dropout_add_scale)
 _MDLM_RECIPE = dict(_OWT, lr=3e-4, warmup=2500, dropout=0.1, max_iters=1_000_000, eval_interval=10_000,
-                    eval_tokens=262_144, ckpt_interval=5_000)
+                    eval_tokens=262_144, ckpt_interval=5_000, framing="bos_eos", dropout_sites="residual")
 
 PRESETS = {
     "mdlm-owt-small": dict(_MDLM_RECIPE, script="train.py", model="mdlm", n_layer=12, n_embd=768, n_head=12,
@@ -37,7 +41,9 @@ PRESETS = {
     "sdtt-paper": dict(_OWT, script="distill.py", method="sdtt", teacher="hf:kuleshov-group/mdlm-owt", rounds=7,
                        iters_per_round=10_000, teacher_steps=1024, n_teacher_steps=2, loss="kl_bwd", lr=6e-5,
                        warmup=500, batch_size=32, grad_accum=4, eval_interval=10_000, eval_tokens=262_144,
-                       ckpt_interval=1_000, out_dir="out-sdtt-paper"),
+                       ckpt_interval=1_000, out_dir="out-sdtt-paper",
+                       # the teacher's chunks and the official DiT's dropout sites (its 0.1 comes with the weights)
+                       framing="bos_eos", dropout_sites="residual"),
 }
 
 # The cost assumption, stated once: one H100 SXM, dense bf16 peak 989 TFLOP/s, at 40% model FLOP

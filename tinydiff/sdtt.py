@@ -62,7 +62,9 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
 
     student_logp, target_logp: (B, L, V) log-probs; masked: (B, L) bool, the positions masked in z_t.
     kind: kl_bwd = KL(student ‖ target) (the paper's default and winner), kl_fwd = KL(target ‖ student),
-    mse = Σ_v (log p_s - log p_t)² (on log-probs), tvd = ½ Σ_v |p_s - p_t| (on probabilities).
+    mse = (1/|V|) Σ_v (log p_s - log p_t)² (on log-probs, a mean over the vocabulary: the 1/|Ω| weight of
+    paper eq. 11, as the official code's F.mse_loss; |V| counts the [MASK] column, whose term is 0),
+    tvd = ½ Σ_v |p_s - p_t| (on probabilities).
     The mask column (probability 0 in both) is dropped so no 0·(-inf) appears.
     """
     dtype = torch.promote_types(student_logp.dtype, torch.float32)
@@ -77,7 +79,9 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
     elif kind == "kl_fwd":
         per_pos = (lt.exp() * (lt - ls)).sum(-1)
     elif kind == "mse":
-        per_pos = (ls - lt).pow(2).sum(-1)
+        # a mean over the vocabulary, not a sum: a sum is |V| (~50k at GPT-2 scale) times larger, so with
+        # clip 1 every step would be clipped and Adam's step weighting would change
+        per_pos = (ls - lt).pow(2).sum(-1) / student_logp.shape[-1]
     elif kind == "tvd":
         # the real total variation, on probabilities. The official code's "TVD" is an L1 distance
         # between LOG-probs, a different loss (the paper found it poor); we implement the real one.
