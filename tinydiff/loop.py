@@ -127,6 +127,7 @@ class StopSignals:
 
     def handle(self, signum, frame=None):
         if signum == signal.SIGINT and signal.SIGINT in self.got:
+            self.restore()
             raise KeyboardInterrupt
         self.got.append(signum)
 
@@ -223,6 +224,8 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
                              "optimizer": opt.state_dict(), "iter": it, "rng": rng_state(gens), "history": history,
                              "extra": extra, "world_size": world, **override}, target)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            bar.close()  # ends the progress line: the error line starts on a line of its own
+            signals.restore()
             intact = (f"{main} (iter {saved_iter}) is intact: free space or fix the folder, then continue with the same "
                       f"command plus --resume" if saved_iter is not None else "no checkpoint of this run was written")
             raise UserError(f"could not write {target} at iter {it} ({write_error(e, target)}); {intact}") from None
@@ -236,68 +239,66 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
           f"{args.batch_size * args.grad_accum * world} sequences, {tokens_per_step} tokens per step")
     bar = tqdm(total=args.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=not rank0)
     train_loss, t_start, it_start, eval_seconds = float("nan"), time.time(), it, 0.0
-    try:
-        while it < args.max_iters:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(it, args)
-            if ddp:
-                step_seed = args.seed + 1_000_003 * (it * world + rank + 1)
-                torch.manual_seed(step_seed)
-                rank_gen.manual_seed(step_seed)
-            logged = None  # (1 + len(logs),): the loss and the loss_fn's logs, averaged over micro-batches
-            for micro in range(args.grad_accum):
-                # the global batch (batch_size x world rows, the same on every rank); this rank keeps its rows,
-                # cut on the CPU so only they are copied to the device
-                x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"],
-                             "cpu" if ddp else device)[rank::world].to(device)  # (batch_size, window)
-                sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
-                noise = data_parallel_noise(gens["noise"], rank, world) if ddp else contextlib.nullcontext()
-                with sync:  # DDP all-reduces the gradients in the backward of the last micro-batch only
-                    with run["autocast"](), noise:
-                        loss, logs = loss_fn(fwd, x, rank_gen if ddp else gens["noise"])
-                    (loss / args.grad_accum).backward()
-                micro_logs = torch.stack([loss.detach(), *logs.values()]) / args.grad_accum  # (1 + len(logs),)
-                logged = micro_logs if logged is None else logged + micro_logs
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            it += 1
-            for hook in hooks:
-                extra.update(hook(it, {"model": model, "ema": ema, "opt": opt, "checkpoint": checkpoint}) or {})
-            stop = dist.agree(bool(signals.got))  # every rank stops after the same step (a CPU all-reduce)
-            if it % args.log_interval == 0 or it == args.max_iters:
-                train_loss, *values = dist.mean(logged).tolist()  # the one host sync, every log_interval steps
-                tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}",
-                                **{k: f"{v:.4f}" for k, v in zip(logs, values)})
-            bar.update(1)
-            if rank0 and (it % args.eval_interval == 0 or it == args.max_iters):
-                model.eval()
-                t0 = time.time()
-                metrics = evaluate(ema.model if ema else model)
-                history.append({"iter": it, **metrics})
-                seconds = time.time() - t0
-                eval_seconds += seconds
-                shown = " ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in metrics.items())
-                tqdm.write(f"iter {it}: {shown} ({seconds:.1f}s)")
-                model.train()
-            due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
-            if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
-                checkpoint()
-            if stop and it < args.max_iters:
-                bar.close()
-                dist.barrier()  # rank 0 has written ckpt.pt
-                name, status = STOP_SIGNALS[(signals.got or [signal.SIGTERM])[0]]
-                if rank0:
-                    print(f"{name}: stopped after iter {it}/{args.max_iters} and wrote {args.out_dir}/ckpt.pt; continue "
-                          f"with the same command plus --resume (exit status {status})", file=sys.stderr, flush=True)
-                sys.exit(status)
-    finally:
-        bar.close()  # ends the progress line: a message after it starts on a line of its own
-        signals.restore()  # also when a save fails or a second Ctrl-C aborts
+    while it < args.max_iters:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, args)
+        if ddp:
+            step_seed = args.seed + 1_000_003 * (it * world + rank + 1)
+            torch.manual_seed(step_seed)
+            rank_gen.manual_seed(step_seed)
+        logged = None  # (1 + len(logs),): the loss and the loss_fn's logs, averaged over micro-batches
+        for micro in range(args.grad_accum):
+            # the global batch (batch_size x world rows, the same on every rank); this rank keeps its rows,
+            # cut on the CPU so only they are copied to the device
+            x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"],
+                         "cpu" if ddp else device)[rank::world].to(device)  # (batch_size, window)
+            sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
+            noise = data_parallel_noise(gens["noise"], rank, world) if ddp else contextlib.nullcontext()
+            with sync:  # DDP all-reduces the gradients in the backward of the last micro-batch only
+                with run["autocast"](), noise:
+                    loss, logs = loss_fn(fwd, x, rank_gen if ddp else gens["noise"])
+                (loss / args.grad_accum).backward()
+            micro_logs = torch.stack([loss.detach(), *logs.values()]) / args.grad_accum  # (1 + len(logs),)
+            logged = micro_logs if logged is None else logged + micro_logs
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        it += 1
+        for hook in hooks:
+            extra.update(hook(it, {"model": model, "ema": ema, "opt": opt, "checkpoint": checkpoint}) or {})
+        stop = dist.agree(bool(signals.got))  # every rank stops after the same step (a CPU all-reduce)
+        if it % args.log_interval == 0 or it == args.max_iters:
+            train_loss, *values = dist.mean(logged).tolist()  # the one host sync, every log_interval steps
+            tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}",
+                            **{k: f"{v:.4f}" for k, v in zip(logs, values)})
+        bar.update(1)
+        if rank0 and (it % args.eval_interval == 0 or it == args.max_iters):
+            model.eval()
+            t0 = time.time()
+            metrics = evaluate(ema.model if ema else model)
+            history.append({"iter": it, **metrics})
+            seconds = time.time() - t0
+            eval_seconds += seconds
+            shown = " ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in metrics.items())
+            tqdm.write(f"iter {it}: {shown} ({seconds:.1f}s)")
+            model.train()
+        due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
+        if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
+            checkpoint()
+        if stop and it < args.max_iters:
+            bar.close()
+            dist.barrier()  # rank 0 has written ckpt.pt
+            name, status = STOP_SIGNALS[(signals.got or [signal.SIGTERM])[0]]
+            if rank0:
+                print(f"{name}: stopped after iter {it}/{args.max_iters} and wrote {args.out_dir}/ckpt.pt; continue "
+                      f"with the same command plus --resume (exit status {status})", file=sys.stderr, flush=True)
+            sys.exit(status)
+    bar.close()
+    signals.restore()
     dist.barrier()  # the final ckpt.pt is on disk before any rank reads it
     elapsed = time.time() - t_start - eval_seconds  # training time only
     metrics = {k: v for k, v in history[-1].items() if k != "iter"} if history else {}
