@@ -103,7 +103,7 @@ def test_two_processes_equal_one_with_the_global_batch(one_process, two_processe
     """Same rows, t and masks: equal weights up to float round-off (the sums run in another order)."""
     stdout, two = two_processes
     # rank 0 alone prints: one summary line, one sample, one device line
-    assert len(json_lines(stdout)) == 1 and stdout.count(" sample ") == 1, stdout
+    assert len(json_lines(stdout)) == 1 and stdout.count(" sample: ") == 1, stdout  # the end-of-run sample
     assert stdout.count("DDP over 2 processes (gloo)") == 1, stdout
     assert one_process["iter"] == two["iter"] == N
     assert not torch.equal(one_process["model"]["tok_emb.weight"], two["model"]["tok_emb.weight"])  # not bitwise
