@@ -31,9 +31,10 @@ import statistics
 
 import torch
 
-from tinydiff.common import (EMA, UserError, autocast_ctx, die, emit, load_checkpoint, model_from_checkpoint,
-                             pick_device, pick_dtype)
-from tinydiff.data import DataError, get_tokenizer
+from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.common import (EMA, UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
+                             pick_dtype)
+from tinydiff.data import get_tokenizer
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
 from tinydiff.loop import make_optimizer
@@ -44,19 +45,18 @@ from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_ski
                              matmul_flops, measure, plot_quality, print_table, roofline,
                              weight_params)
 
-ints = lambda s: [int(v) for v in s.split(",") if v]
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--sections", default="latency,throughput,roofline",
                     help="comma list of latency, throughput, roofline, quality (quality needs --judge and --ckpts)")
 parser.add_argument("--size", default="tiny", choices=list(SIZES), help="random-weight model shape (paper's + tiny)")
 parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: 256 tiny, 1024 others)")
-parser.add_argument("--batch_sizes", type=ints, default=[1, 8, 32], help="comma list of batch sizes")
-parser.add_argument("--steps", type=ints, default=[8, 16, 32, 64, 128, 256], help="comma list of diffusion steps")
+parser.add_argument("--batch_sizes", type=int_list, default=[1, 8, 32], help="comma list of batch sizes")
+parser.add_argument("--steps", type=int_list, default=[8, 16, 32, 64, 128, 256], help="comma list of diffusion steps")
 parser.add_argument("--samplers", type=lambda s: [v for v in s.split(",") if v], default=["ancestral"],
                     help="latency and quality: comma list of diffusion samplers (docs/samplers.md; their knobs below); "
                          "ancestral rows are labelled 'diffusion'")
 parser.add_argument("--runs", type=int, default=5, help="timed runs per row (median, min-max); >= 5 for a table")
-parser.add_argument("--nocache_batches", type=ints, default=[1],
+parser.add_argument("--nocache_batches", type=int_list, default=[1],
                     help="batch sizes that also get the AR-without-cache row (O(L^2) work: slow)")
 parser.add_argument("--ckpt", default=None, help="latency: time this MDLM checkpoint instead of random weights")
 parser.add_argument("--ar_ckpt", default=None, help="latency: time this AR checkpoint instead of random weights")
@@ -65,7 +65,7 @@ parser.add_argument("--train_iters", type=int, default=10, help="throughput: tim
 parser.add_argument("--matmul_size", type=int, default=2048, help="throughput (CPU): n of the n x n matmul peak")
 parser.add_argument("--judge", default=None, help="quality: AR checkpoint that scores the samples (gen PPL)")
 parser.add_argument("--ckpts", nargs="*", default=[], help="quality: LABEL=PATH (or PATH) of MDLM/SDTT/AR checkpoints")
-parser.add_argument("--quality_steps", type=ints, default=[16, 32, 64, 128, 256], help="quality: MDLM step counts")
+parser.add_argument("--quality_steps", type=int_list, default=[16, 32, 64, 128, 256], help="quality: MDLM step counts")
 parser.add_argument("--num_samples", type=int, default=16, help="quality: samples per point (whole batches)")
 parser.add_argument("--sample_batch", type=int, default=8, help="quality: samples generated at once")
 parser.add_argument("--retokenize", action="store_true", help="quality: allow a judge with another tokenizer")
@@ -289,6 +289,7 @@ def report_latency(rows, forward_ms, L):
 
 def main():
     global device, dtype, modes, wdtype, autocast, knobs
+    validate(args)
     knobs = {n: knobs_from_args(n, args) for n in args.samplers}  # checked before any work
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -346,7 +347,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

@@ -18,23 +18,25 @@ import time
 
 import torch
 
-from tinydiff.common import UserError, die, emit, load_checkpoint, model_from_checkpoint, pick_device
-from tinydiff.data import DataError, val_windows
+from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.common import UserError, emit, load_checkpoint, model_from_checkpoint, pick_device
+from tinydiff.data import val_windows
 from tinydiff.tcs import tcs_targets, to_dense
 from tinydiff.timing import sync
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--teacher", required=True, help="AR checkpoint (train.py --model ar)")
 parser.add_argument("--data_dir", default=None, help="prepared data folder (default: the one the teacher was trained on)")
 parser.add_argument("--seq_len", type=int, default=32, help="window length L (exact rescoring costs L*|V| sequences)")
 parser.add_argument("--n_seq", type=int, default=32, help="held-out windows scored")
 parser.add_argument("--batch_size", type=int, default=8, help="windows per estimator call")
-parser.add_argument("--ks", default="2,4,8,16,32", help="comma-separated K for topk (candidates from grad)")
+parser.add_argument("--ks", type=int_list, default=[2, 4, 8, 16, 32], help="comma-separated K for topk (candidates from grad)")
 parser.add_argument("--prefix_k", type=int, default=16, help="K of the topk row with candidates from prefix")
 parser.add_argument("--windowed", default="4:4,16:8", help="comma-separated K:W topk rows with a suffix window W (grad)")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for torch (1: timings that do not depend on what else the machine runs)")
+                    help="CPU threads for torch (1: timings that do not depend on what else the machine runs; "
+                         "0: torch's default)")
 args = parser.parse_args()
 
 
@@ -63,9 +65,22 @@ def compare(exact, est, kept):
             "missed": (1 - inside).clamp_min(0).mean().item()}
 
 
+def windowed_rows(text):
+    """--windowed 'K:W,K:W' -> [(K, W)], each at least 1."""
+    try:
+        rows = [tuple(int(v) for v in kw.split(":")) for kw in filter(None, text.split(","))]
+    except ValueError:
+        rows = [()]
+    if any(len(r) != 2 or min(r) < 1 for r in rows):
+        raise UserError(f"--windowed {text!r}: give comma-separated K:W pairs of positive integers, e.g. 4:4,16:8")
+    return rows
+
+
 def main():
+    validate(args)
+    windowed = windowed_rows(args.windowed)
     device, _ = pick_device(args.device)
-    if device == "cpu":
+    if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.teacher)
     if ckpt["kind"] != "ar":
@@ -82,10 +97,9 @@ def main():
     configs = [("exact", {"estimator": "exact", "topk": 0}), ("prefix", {"estimator": "prefix", "topk": 0}),
                ("grad", {"estimator": "grad", "topk": 0})]
     configs += [(f"topk K={k} (grad)", {"estimator": "topk", "topk": k, "candidates": "grad"})
-                for k in map(int, args.ks.split(","))]
+                for k in args.ks]
     configs.append((f"topk K={args.prefix_k} (prefix)", {"estimator": "topk", "topk": args.prefix_k, "candidates": "prefix"}))
-    for kw in filter(None, args.windowed.split(",")):
-        k, w = map(int, kw.split(":"))
+    for k, w in windowed:
         configs.append((f"topk K={k} W={w} (grad)", {"estimator": "topk", "topk": k, "candidates": "grad", "window": w}))
 
     rows, exact = [], None
@@ -103,7 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

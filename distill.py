@@ -26,23 +26,24 @@ tinydiff/tcs.py; its flags are listed by --help.
 """
 import argparse
 import copy
-import os
 
 import torch
 from tqdm import tqdm
 
-from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, framed_batches, get_tokenizer, load_meta, prepare
+from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
+from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
+from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.evaluate import heldout_windows, val_metrics
-from tinydiff.loop import add_run_args, train
+from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
+from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import add_tcs_args, build_tcs
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"], help="sdtt (MDLM teacher) or tcs (AR teacher)")
 parser.add_argument("--teacher", default=None,
                     help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py")
@@ -77,13 +78,22 @@ def fill(**defaults):
 
 
 def main():
+    # flags checked, out_dir claimed, a resumed run's own flags restored: before any work starts
+    validate(args)
+    claim(args.out_dir, args.resume, args.overwrite)
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
+        if resume.get("method") is None:
+            raise UserError(f"{args.out_dir}/ckpt.pt was written by train.py, not distill.py: resume it with train.py, "
+                            f"or use another --out_dir")
+        resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")  # method, teacher, data, recipe
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
                         f"{'MDLM' if args.method == 'sdtt' else 'AR model'} trained with train.py)")
     knobs = knobs_from_args(args.sampler, args)  # the end-of-run sample's, checked before any work
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
 
     # teacher checkpoint -> tokenizer and data (its own by default; --data overrides)
     tckpt = load_checkpoint(args.teacher)
@@ -96,24 +106,20 @@ def main():
         raise UserError(f"--tokenizer {args.tokenizer} differs from the teacher's ({tok.name}): the student shares "
                         f"the teacher's tokenizer; drop --tokenizer")
     args.tokenizer = tok.name
-    if args.data is not None:
+    if resume is not None:  # the folder this run was trained on (keyed by content), even if the source changed
+        data_dir = checkpoint_data(resume)
+    elif args.data is not None:
         data_dir = prepare(args.data, tok.name)
-    elif os.path.isfile(os.path.join(tckpt.get("data_dir") or "", "meta.json")):
-        data_dir = tckpt["data_dir"]  # the teacher's prepared data, as it was trained on
-    else:  # prepared elsewhere (another working directory): prepare the same source here
-        data_dir = prepare(tckpt["args"]["data"], tok.name)
+    else:  # the teacher's prepared data, as it was trained on (prepared again here when it is elsewhere)
+        data_dir = checkpoint_data(tckpt, what=f"the teacher {args.teacher}")
     if load_meta(data_dir)["tokenizer"] != tok.name:
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.name})")
     args.data = args.data or tckpt["args"]["data"]
 
-    resume = load_checkpoint(f"{args.out_dir}/ckpt.pt") if args.resume else None
-    if resume is not None and resume.get("method") != args.method:
-        raise UserError(f"{args.out_dir}/ckpt.pt was not written by distill.py --method {args.method}: "
-                        f"use another --out_dir or the same --method")
     schedule = LogLinearSchedule()
     meta = {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher,
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "data_dir": str(data_dir), "mask_id": tok.vocab_size}
+            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "mask_id": tok.vocab_size}
     hooks = []
 
     if args.method == "sdtt":
@@ -125,23 +131,19 @@ def main():
         args.seq_len = args.seq_len or cfg.seq_len
         K0, N, R = args.teacher_steps or args.seq_len, args.iters_per_round, args.rounds
         args.teacher_steps = K0
-        if min(R, N, args.n_teacher_steps) < 1 or K0 < 2 ** R or K0 % 2 ** R != 0:
+        if K0 < 2 ** R or K0 % 2 ** R != 0:
             raise UserError(f"--teacher_steps {K0} must be divisible by 2^rounds = {2 ** R} (each round halves it, "
-                            f"the last student samples with K0 / 2^R >= 1 steps); --rounds, --iters_per_round and "
-                            f"--n_teacher_steps must be >= 1")
+                            f"the last student samples with K0 / 2^R >= 1 steps)")
         # CPU-sized defaults; the paper: lr 6e-5, batch 128, 500 warm-up, EMA 0.9999 (10k steps a round)
         fill(lr=3e-4, warmup=20, ema=0.99, batch_size=8, eval_tokens=16384,
-             max_iters=R * N, eval_interval=N, ckpt_interval=N)  # a smaller --max_iters stops early (--resume later)
+             max_iters=R * N, eval_interval=N, ckpt_interval=N)  # a smaller --max_iters stops early
+        # (continue with --resume --max_iters R*N: a resumed run keeps the --max_iters it was given)
         if args.max_iters > R * N:
             raise UserError(f"--max_iters {args.max_iters} is beyond rounds x iters_per_round = {R * N}")
         # the teacher: frozen, eval mode (no dropout), weights replaced at each round boundary
         teacher = copy.deepcopy(student).eval().requires_grad_(False)
         it0 = 0
-        if resume is not None:
-            old = resume["args"]
-            if (old["iters_per_round"], old["teacher_steps"]) != (N, K0):
-                raise UserError(f"{args.out_dir}/ckpt.pt ran with --iters_per_round {old['iters_per_round']} "
-                                f"--teacher_steps {old['teacher_steps']}: resume with the same values")
+        if resume is not None:  # (resume_args: the same rounds, iters_per_round and teacher_steps)
             teacher.load_state_dict(resume["extra"]["teacher"])
             it0 = resume["iter"]
         cur = {"teacher_steps": K0 // 2 ** (it0 // N)}  # K of the round in progress
@@ -182,6 +184,7 @@ def main():
             c = dict(tckpt["config"], causal=False, vocab_size=tok.vocab_size + 1, seq_len=args.seq_len)
             for k in ("n_layer", "n_head", "n_embd"):
                 c[k] = getattr(args, k) or c[k]
+            check_shape(c["n_embd"], c["n_head"])
             student = Transformer(ModelConfig(**c)).to(device)
         else:
             ickpt = load_checkpoint(init)
@@ -194,6 +197,8 @@ def main():
     if args.seq_len > cfg.seq_len:
         raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: "
                         f"use {cfg.seq_len} or less")
+    # ckpt.pt: weights, EMA, AdamW's two moments (+ SDTT's teacher); SDTT's round files: weights and EMA each
+    check_space(args.out_dir, checkpoint_bytes(student, 5 + 2 * args.rounds if args.method == "sdtt" else 4))
     print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"data {data_dir}, seq_len {args.seq_len}")
     # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
@@ -233,7 +238,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

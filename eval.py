@@ -45,16 +45,17 @@ import time
 
 import torch
 
-from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint,
+from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
-from tinydiff.data import FRAMINGS, DataError, get_tokenizer, prepare
+from tinydiff.data import FRAMINGS, checkpoint_data, get_tokenizer
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import sync
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
 parser.add_argument("--judge", default=None, help="AR checkpoint that scores the samples (gen PPL); none: no gen PPL")
 parser.add_argument("--gen_ppl_protocol", default="sdtt", choices=GEN_PPL_PROTOCOLS,
@@ -64,14 +65,17 @@ parser.add_argument("--gen_ppl_protocol", default="sdtt", choices=GEN_PPL_PROTOC
                          "compute_generative_perplexity, used for the MDLM-family numbers)")
 parser.add_argument("--retokenize", action="store_true",
                     help="allow a judge with another tokenizer: decode the samples to text and re-encode them")
-parser.add_argument("--steps", default=None,
+parser.add_argument("--steps", type=int_list, default=None,
                     help="comma-separated diffusion step counts, one row each (default: the checkpoint's)")
 parser.add_argument("--num_samples", type=int, default=16, help="samples per row")
 parser.add_argument("--batch_size", type=int, default=16, help="samples generated (and windows scored) at once")
 parser.add_argument("--gen_len", type=int, default=None, help="tokens per sample (default: the model's context)")
 parser.add_argument("--seed", type=int, default=0, help="seed of the samples (the same for every row) and the t draws")
-parser.add_argument("--val_tokens", type=int, default=32768, help="held-out tokens scored for val PPL (0 = skip)")
-parser.add_argument("--val_draws", type=int, default=4, help="stratified t draws per window for the MDLM bound")
+parser.add_argument("--val_tokens", type=int, default=None,
+                    help="held-out tokens scored for val PPL (0 = skip; default: the checkpoint's --eval_tokens, else 32768)")
+parser.add_argument("--val_draws", type=int, default=None,
+                    help="stratified t draws per window for the MDLM bound (default: the checkpoint's --eval_draws, "
+                         "else 4): with the defaults eval.py reproduces the bound train.py reported")
 parser.add_argument("--lambada", default=None, help="LAMBADA file, OpenAI jsonl with a \"text\" field per line")
 parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N LAMBADA passages")
 parser.add_argument("--lambada_draws", type=int, default=8, help="stratified t draws per passage for the MDLM bound")
@@ -99,6 +103,7 @@ GEN_PPL_ABOUT = {
 
 def main():
     # ------------------------------------------------------------------ device, model, judge
+    validate(args)
     device, why = pick_device(args.device)
     dtype, _ = pick_dtype(args.dtype, device)
     autocast = autocast_ctx(device, dtype)
@@ -115,14 +120,10 @@ def main():
     if L < 2 or (L > context and sampler != "semi_ar"):
         raise UserError(f"--gen_len {L} must be between 2 and the model's context {context} "
                         f"(longer: --sampler semi_ar)")
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise UserError("--num_samples and --batch_size must be at least 1")
-    try:
-        steps_list = [int(s) for s in args.steps.split(",")] if args.steps else [ckpt.get("sample_steps") or L]
-    except ValueError:
-        raise UserError(f"--steps {args.steps!r} is not a comma-separated list of integers, e.g. 8,32,128") from None
-    if kind == "mdlm" and min(steps_list) < 1:
-        raise UserError("every --steps value must be at least 1")
+    steps_list = args.steps or [ckpt.get("sample_steps") or L]
+    trained = ckpt.get("args") or {}  # the held-out bound train.py reported: same tokens, draws and seed 0
+    args.val_tokens = args.val_tokens if args.val_tokens is not None else trained.get("eval_tokens", 32768)
+    args.val_draws = args.val_draws if args.val_draws is not None else trained.get("eval_draws", 4)
     if kind == "ar" and args.steps:
         print("note: --steps is ignored for an AR model (it samples one token per step: NFE = gen_len)")
     print(f"model {args.ckpt}: {kind}, {model.num_params() / 1e6:.2f}M parameters, context {context}, "
@@ -150,8 +151,7 @@ def main():
             print("note: the judge is the evaluated model itself: its gen PPL is circular (its own entropy rate)")
 
     # ------------------------------------------------------------------ held-out data and val PPL
-    source = args.data or ckpt.get("args", {}).get("data", "stdlib")
-    data_dir = prepare(source, tok.name)
+    data_dir = checkpoint_data(ckpt, args.data, what=args.ckpt)  # the folder it was trained on, unless --data
     record = {"ckpt": args.ckpt, "kind": kind, "tokenizer": tok.name, "data_dir": str(data_dir), "ema": not args.no_ema,
               "judge": args.judge, "judge_tokenizer": judge_tok.name if judge_tok else None, "retokenized": retok,
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,
@@ -168,9 +168,11 @@ def main():
         where = (f"v_1..v_{n_scored} of {data_dir}/val.bin, windows of {context}" if framing == "none" else
                  f"{len(val_x)} windows [BOS] + {context - 2} tokens of {data_dir}/val.bin + [EOS], framing bos_eos"
                  f" as MDLM/SDTT trained; the two framing positions are scored, as in MDLM's val loss")
-        print(f"val: {n_scored:,} scored positions ({where}): "
-              f"loss {vm['val_loss']:.4f} nats/token, PPL {vm['val_ppl']:.3f} ({how}, {time.time() - t0:.1f}s)")
-        record.update(val_loss=vm["val_loss"], val_ppl=vm["val_ppl"], val_scored_tokens=n_scored,
+        se = f" (s.e. {vm['val_loss_se']:.4f} over {len(val_x)} windows)" if vm["val_loss_se"] is not None else ""
+        print(f"val: {n_scored:,} scored positions ({where}): loss {vm['val_loss']:.4f} nats/token{se}, "
+              f"PPL {vm['val_ppl']:.3f} ({how}, seed {args.seed}, {time.time() - t0:.1f}s)")
+        record.update(val_loss=vm["val_loss"], val_loss_se=vm["val_loss_se"], val_ppl=vm["val_ppl"],
+                      val_scored_tokens=n_scored,
                       val_draws=args.val_draws if kind == "mdlm" else None, val_ppl_judge=None)
         if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
             jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens, framing)
@@ -274,7 +276,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from tinydiff.common import (UserError, autocast_ctx, commit_files, die, emit, load_checkpoint, make_generator,
-                             model_from_checkpoint, pick_device, pick_dtype)
-from tinydiff.data import DataError, get_tokenizer
+from tinydiff.checks import ArgumentParser, run_main, validate
+from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_checkpoint, make_generator,
+                             model_from_checkpoint, pick_device, pick_dtype, write_error)
+from tinydiff.data import get_tokenizer
+from tinydiff.outdir import check_writable
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py or distill.py")
 parser.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: what the checkpoint records)")
 parser.add_argument("--num_samples", type=int, default=2, help="how many samples")
@@ -40,6 +42,9 @@ args = parser.parse_args()
 
 
 def main():
+    validate(args)
+    if args.out:
+        check_writable(args.out)  # before sampling, not after
     device, _ = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
     tok = get_tokenizer(ckpt["tokenizer"]["name"])
@@ -66,7 +71,7 @@ def main():
         prompt = [tok.eot_id]  # unconditional: start from end-of-text, as GPT-2 samples do
     if len(prompt) >= seq_len:
         raise UserError(f"the prompt is {len(prompt)} tokens, not shorter than --seq_len {seq_len}: shorten it")
-    steps = args.steps or ckpt.get("sample_steps") or seq_len
+    steps = args.steps if args.steps is not None else ckpt.get("sample_steps") or seq_len
     gen = make_generator(args.seed, device)
     texts, nfe_total, t0 = [], 0, time.time()
     for start in range(0, args.num_samples, args.batch_size):
@@ -89,14 +94,14 @@ def main():
     if args.out:
         lines = [json.dumps({"text": text, "steps": steps, "ckpt": args.ckpt, "sampler": name,
                              "sampler_knobs": knobs}) + "\n" for text in texts]
-        commit_files({Path(args.out): "".join(lines).encode()})
+        try:
+            commit_files({Path(args.out): "".join(lines).encode()})
+        except OSError as e:
+            raise UserError(f"could not write --out {args.out} ({write_error(e, args.out)})") from None
     emit({"num_samples": len(texts), "steps": steps if ckpt["kind"] == "mdlm" else None, "nfe": nfe_total,
           "seconds": seconds, "tokens_per_sec": len(texts) * seq_len / seconds, "kind": ckpt["kind"],
           "sampler": name, "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

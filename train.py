@@ -10,22 +10,23 @@ GPU, MDLM small on OpenWebText-scale data (see README for presets and costs):
         --seq_len 1024 --batch_size 32 --grad_accum 16 --lr 3e-4 --warmup 2500 --ema 0.9999 --dropout 0.1
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
-from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, framed_batches, get_tokenizer, prepare
+from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
+from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
+from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
-from tinydiff.loop import add_run_args, train
+from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
+from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="mdlm", choices=["mdlm", "ar"], help="masked diffusion LM or causal AR baseline")
 parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n_head", type=int, default=4, help="attention heads")
@@ -44,23 +45,29 @@ args = apply_preset(parser)  # --preset NAME sets defaults (printed); explicit f
 
 
 def main():
-    device, dtype, use_compile, autocast = setup_runtime(args)
-    sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
-    knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
-    torch.manual_seed(args.seed)
-    os.makedirs(args.out_dir, exist_ok=True)
-
-    # data: prepared once under data/<source>-<tokenizer>/, reused afterwards
-    data_dir = prepare(args.data, args.tokenizer)
-    tok = get_tokenizer(args.tokenizer)
-
-    # model: MDLM gets one extra embedding row for [MASK] (id = tokenizer vocab size)
+    # every flag checked, the out_dir claimed (locked, writable, not holding another run's checkpoint) and,
+    # on --resume, the run's own flags restored, before any work starts
+    validate(args)
+    claim(args.out_dir, args.resume, args.overwrite)
     resume = init = None
     if args.resume:
         resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume["kind"] != args.model or resume["tokenizer"]["name"] != tok.name:
-            raise UserError(f"{args.out_dir}/ckpt.pt is a {resume['kind']} model with the {resume['tokenizer']['name']} "
-                            f"tokenizer: resume with the same --model and --tokenizer, or use another --out_dir")
+        if resume.get("method"):
+            raise UserError(f"{args.out_dir}/ckpt.pt was written by distill.py --method {resume['method']}: "
+                            f"resume it with distill.py, or use another --out_dir")
+        resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")
+    sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
+    knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
+    device, dtype, use_compile, autocast = setup_runtime(args)
+    torch.manual_seed(args.seed)
+
+    # data: prepared once under data/<source>-<tokenizer>-<key>/ (keyed by content); a resumed run reads the
+    # folder it was trained on, even when the source was edited since
+    data_dir = checkpoint_data(resume) if resume is not None else prepare(args.data, args.tokenizer)
+    tok = get_tokenizer(args.tokenizer)
+
+    # model: MDLM gets one extra embedding row for [MASK] (id = tokenizer vocab size)
+    if resume is not None:
         cfg = ModelConfig(**resume["config"])
     elif args.init_from:
         init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
@@ -82,6 +89,7 @@ def main():
         raise UserError(f"--seq_len {args.seq_len} is beyond {source}'s context {cfg.seq_len}: "
                         f"use --seq_len {cfg.seq_len} or less")
     model = Transformer(cfg).to(device) if init is None else model_from_checkpoint(init, device).train()
+    check_space(args.out_dir, checkpoint_bytes(model, 2 + 2 * (args.ema > 0)))  # weights, AdamW moments, EMA
     mask_id = tok.vocab_size if args.model == "mdlm" else None
     print(f"{args.model}: {model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
           f"context {cfg.seq_len}, {model.estimate_flops_per_token(args.seq_len) / 1e6:.1f} MFLOP/token (train)")
@@ -105,8 +113,8 @@ def main():
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "data_dir": str(data_dir), "sample_steps": args.seq_len if args.model == "mdlm" else None,
-            "framing": args.framing}
+            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
+            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing}
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
     if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
         run["get_batch"] = framed_batches(tok.eot_id)
@@ -129,7 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, DataError) as e:
-        die(str(e))
+    run_main(main)

@@ -2,6 +2,7 @@
 CPU only, no network, everything written under pytest's tmp_path."""
 import json
 import os
+import re
 import sys
 import sysconfig
 import urllib.error
@@ -88,7 +89,7 @@ def test_prepare_file(tmp_path):
     src = write(tmp_path / "my corpus.txt", TEXT)
     root = tmp_path / "data"
     d = prepare(str(src), "bytes", root=str(root))
-    assert d.parent == root and d.name.startswith("my_corpus-") and d.name.endswith("-bytes")
+    assert d.parent == root and re.fullmatch(r"my_corpus-[0-9a-f]{8}-bytes-[0-9a-f]{12}", d.name)
     tok = get_tokenizer("bytes")
     train, val = ids_of(d / "train.bin"), ids_of(d / "val.bin")
     # each part is one document followed by eot; the cut is on a line boundary near 90%
@@ -107,10 +108,12 @@ def test_prepare_file(tmp_path):
     assert prepare(str(src), "bytes", root=str(root)) == d
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
 
-    # the source changes: the folder is prepared again
+    # the source changes: its new content gets a new folder; the old one is kept as it was
     write(src, TEXT + "one more line\n")
-    prepare(str(src), "bytes", root=str(root))
-    assert load_meta(d)["train_tokens"] + load_meta(d)["val_tokens"] == len(tok.encode(TEXT)) + 14 + 2
+    d2 = prepare(str(src), "bytes", root=str(root))
+    assert d2 != d and d2.name[:-12] == d.name[:-12] and load_meta(d2)["key"] == d2.name[-12:]
+    assert load_meta(d2)["train_tokens"] + load_meta(d2)["val_tokens"] == len(tok.encode(TEXT)) + 14 + 2
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps
 
 
 def make_folder(tmp_path):
@@ -166,7 +169,7 @@ def test_prepare_gpt2(tmp_path, gpt2):
     src = write(tmp_path / "t.txt", TEXT)
     d = prepare(str(src), "gpt2", root=str(tmp_path / "data"))
     train, val = ids_of(d / "train.bin"), ids_of(d / "val.bin")
-    assert d.name.endswith("-gpt2") and train[-1] == val[-1] == 50256  # the eot id fits in uint16
+    assert re.search(r"-gpt2-[0-9a-f]{12}$", d.name) and train[-1] == val[-1] == 50256  # the eot id fits in uint16
     assert gpt2.decode(train[:-1].tolist()) + gpt2.decode(val[:-1].tolist()) == TEXT
 
 
@@ -180,7 +183,7 @@ def test_shakespeare_offline_and_cached(tmp_path, monkeypatch):
     assert not (root / "shakespeare-raw" / "input.txt").exists()
     write(root / "shakespeare-raw" / "input.txt", TEXT)  # an earlier download: no network needed
     d = prepare("shakespeare", root=str(root))
-    assert d.name == "shakespeare-bytes" and load_meta(d)["n_documents"] == 2
+    assert re.fullmatch(r"shakespeare-bytes-[0-9a-f]{12}", d.name) and load_meta(d)["n_documents"] == 2
 
 
 def test_stdlib_files():
@@ -283,3 +286,84 @@ def test_failing_prepare_keeps_existing_data(tmp_path, monkeypatch):
         prepare(str(src), root=root)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert json.loads(before["meta.json"])["train_tokens"] == load_meta(d)["train_tokens"]
+    assert [p.name for p in Path(root).iterdir()] == [d.name]  # no temp folder, no half-written dataset
+
+
+# ----------------------------------------------------------------------------- data pinned to its content
+
+def test_running_job_keeps_reading_its_data(tmp_path):
+    """A job holds its folder; the source is edited and prepared again by another run: the job's batches
+    do not change (QA: a job's val loss went 2.80 -> 12.35 when train.bin was replaced under it)."""
+    src = write(tmp_path / "swap.txt", TEXT)
+    root = str(tmp_path / "data")
+    job = prepare(str(src), root=root)
+    before = get_batch(job, "train", 8, 16, torch.Generator().manual_seed(0))
+    write(src, "z\n" * 5000)  # edited ...
+    other = prepare(str(src), root=root)  # ... and prepared again by a second run
+    assert other != job
+    assert torch.equal(get_batch(job, "train", 8, 16, torch.Generator().manual_seed(0)), before)
+    assert set(get_batch(other, "train", 8, 16).flatten().tolist()) <= {ord("z"), ord("\n"), 256}
+
+
+def test_concurrent_prepare_of_the_same_content(tmp_path, monkeypatch):
+    """Two processes prepare the same content at once: the second rename finds the folder there and keeps it."""
+    src = write(tmp_path / "t.txt", TEXT)
+    root = str(tmp_path / "data")
+    d = prepare(str(src), root=root)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    real, looks = data._is_prepared, []
+    # the first look finds nothing (the other process had not finished); after our rename fails, it is there
+    monkeypatch.setattr(data, "_is_prepared", lambda out, meta: bool(looks.append(1) or len(looks) > 1) and real(out, meta))
+    assert prepare(str(src), root=root) == d
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == stamps  # never written again
+    assert [p.name for p in Path(root).iterdir()] == [d.name]  # our temp folder is gone
+
+
+def test_stale_temp_folders_of_killed_prepares_are_removed(tmp_path):
+    import socket
+    import subprocess
+    root = tmp_path / "data"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = root / f".x-bytes-abc.tmp-{host}-{int(dead.stdout)}"
+    alive = root / f".y-bytes-abc.tmp-{host}-{os.getpid()}"  # a prepare still running: kept
+    for folder in (stale, alive):
+        write(folder / "train.bin", "partial")
+    prepare(str(write(tmp_path / "t.txt", TEXT)), root=str(root))
+    assert not stale.exists() and alive.exists()
+
+
+def test_binary_inputs(tmp_path, capsys):
+    blob = tmp_path / "ls"
+    blob.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 20)
+    with pytest.raises(DataError, match="looks binary"):
+        prepare(str(blob), root=str(tmp_path / "data"))
+    (tmp_path / "latin").write_bytes(bytes(range(128, 256)) * 40)  # no NUL, but not UTF-8 text either
+    with pytest.raises(DataError, match="looks binary"):
+        prepare(str(tmp_path / "latin"), root=str(tmp_path / "data"))
+    folder, _ = make_folder(tmp_path)  # holds blob.txt, a binary with a text suffix
+    prepare(str(folder), root=str(tmp_path / "data"))
+    assert "skipped 1 binary or unreadable file" in capsys.readouterr().out
+
+
+def test_checkpoint_data_finds_the_trained_on_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = write(tmp_path / "c.txt", TEXT)
+    d = prepare(str(src))
+    ckpt = {"tokenizer": {"name": "bytes"}, "args": {"data": str(src)}, "data_dir": str(d.resolve()),
+            "data_key": load_meta(d)["key"]}
+    write(src, TEXT + "edited\n")
+    assert data.checkpoint_data(ckpt) == d.resolve()  # the recorded folder, not the edited source
+    assert data.checkpoint_data(ckpt, source=str(src)) != d  # asked for explicitly: the source as it is now
+    import shutil
+    shutil.rmtree(d)
+    with pytest.raises(DataError, match=f"content key {ckpt['data_key']}.*other content"):
+        data.checkpoint_data(ckpt)  # gone, and the source no longer gives it
+    write(src, TEXT)
+    assert load_meta(data.checkpoint_data(ckpt))["key"] == ckpt["data_key"]  # gone, prepared again: same content
+    src.unlink()
+    shutil.rmtree(data.checkpoint_data(ckpt))
+    with pytest.raises(DataError, match="which is gone.*--data"):
+        data.checkpoint_data(ckpt)

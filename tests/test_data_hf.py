@@ -3,6 +3,7 @@ here: no network. The `datasets` package is replaced by a stand-in whose load_da
 real datasets.Dataset when the package is installed, else a list of dicts)."""
 import json
 import os
+import re
 import sys
 import types
 
@@ -37,7 +38,7 @@ def test_prepare_documents_any_container(tmp_path):
     tok = get_tokenizer("bytes")
     train, val = DOCS[:20], DOCS[20:]
     d = prepare_documents("mine", as_dataset(train), as_dataset(val), "bytes", root=tmp_path / "a")
-    assert d.name == "mine-bytes"
+    assert re.fullmatch(r"mine-bytes-[0-9a-f]{12}", d.name)
     assert ids_of(d / "train.bin").tolist() == joined(train, tok)  # documents joined with eot, in order
     assert ids_of(d / "val.bin").tolist() == joined(val, tok)
     meta = load_meta(d)
@@ -83,7 +84,7 @@ def test_owt_holds_out_the_last_documents(tmp_path, monkeypatch):
     calls = fake_datasets(monkeypatch, {("Skylion007/openwebtext", "train"): owt})
     tok = get_tokenizer("bytes")
     d = prepare("owt", "bytes", root=str(tmp_path), num_proc=1)
-    assert d.name == "owt-bytes" and calls == [("Skylion007/openwebtext", "train", {})]
+    assert re.fullmatch(r"owt-bytes-[0-9a-f]{12}", d.name) and calls == [("Skylion007/openwebtext", "train", {})]
     assert ids_of(d / "train.bin").tolist() == joined(DOCS[:-4], tok)
     assert ids_of(d / "val.bin").tolist() == joined(DOCS[-4:], tok)
     meta = load_meta(d)
@@ -124,5 +125,6 @@ def test_failed_write_keeps_prepared_data(tmp_path, monkeypatch):
     monkeypatch.setattr(data.os, "fsync", disk_full)
     with pytest.raises(OSError):
         prepare_documents("k", DOCS[:19], DOCS[19:], "bytes", root=tmp_path)
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # no temp files, nothing replaced
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing replaced
+    assert [p.name for p in tmp_path.iterdir()] == [d.name]  # no temp folder, no half-written dataset
     assert json.loads(before["meta.json"])["n_train_documents"] == 20

@@ -287,7 +287,8 @@ def test_rounds_checkpoints_and_exact_resume(teacher_dir):
     mid = load(d / "halves" / "ckpt.pt")
     assert (mid["iter"], mid["sample_steps"], mid["extra"]["teacher_steps"]) == (4, 4, 4)
     assert same_weights(mid["extra"]["teacher"], r1["model"])  # the teacher a resume must restore
-    run("distill.py", "--teacher", "mdlm/ckpt.pt", *ROUNDS, "--out_dir", "halves", "--resume", cwd=d)
+    # (a resumed run keeps its own --max_iters unless told: the full R x N steps are asked for explicitly)
+    run("distill.py", "--teacher", "mdlm/ckpt.pt", *ROUNDS, "--out_dir", "halves", "--resume", "--max_iters", 6, cwd=d)
     resumed = load(d / "halves" / "ckpt.pt")
     assert resumed["iter"] == 6
     assert same_weights(resumed["model"], final["model"])

@@ -133,5 +133,5 @@ def test_bad_input_gets_clear_errors(tmp_path, corpus):
     check_error(run("sample.py", "--ckpt", "out/ckpt.pt", "--seq_len", 64, cwd=tmp_path, check=False), "context")
     p = run("train.py", "--data", corpus, "--max_iters", 2, "--out_dir", "out", "--resume", *TINY[:6], "--seq_len", 64,
             cwd=tmp_path, check=False)
-    check_error(p, "context")
+    check_error(p, "--seq_len 64", "holds --seq_len 32")  # a resumed run keeps its context
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before  # a refused run destroys nothing

@@ -7,7 +7,9 @@ asked (on 2 cores its start-up cost is rarely repaid in a short run; see README)
 import contextlib
 import copy
 import json
+import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,8 +30,21 @@ def die(msg):
 
 
 def emit(record):
-    """The output contract: the last line on stdout is one JSON object with the headline figures."""
-    print(json.dumps(record), flush=True)
+    """The output contract: the last line on stdout is one JSON object with the headline figures.
+    Strict JSON: a float that is NaN or infinite (a loss never measured, a diverged run) is written
+    as null, so every JSON parser reads the line; allow_nan=False guarantees none slips through."""
+    print(json.dumps(_finite(record), allow_nan=False), flush=True)
+
+
+def _finite(v):
+    """v with every non-finite float (in nested dicts/lists/tuples) replaced by None."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 # ----------------------------------------------------------------------------- device / dtype / compile
@@ -140,6 +155,16 @@ def save_checkpoint(obj, path):
     commit_files({path: tmp})
 
 
+def write_error(e, path):
+    """Why a write failed, in a few words: the OS's reason, and the free space of that disk."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    try:
+        reason += f"; {shutil.disk_usage(Path(path).parent).free / 2 ** 20:.1f} MiB free on that disk"
+    except OSError:
+        pass
+    return reason
+
+
 def temp_path(path):
     """Where a file is written before os.replace moves it into place: beside it, hidden, per process."""
     path = Path(path)
@@ -171,6 +196,17 @@ def commit_files(files):
                 tmp.unlink()
 
 
+def pid_alive(pid):
+    """True when a process with this id runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def load_checkpoint(path):
     """Load a tinydiff checkpoint on the CPU, or raise UserError saying what is wrong with it.
     A published model's name (hf:OWNER/NAME[@REV], gpt2, gpt2-medium, ...) that is not a local file is
@@ -179,6 +215,8 @@ def load_checkpoint(path):
     from .hub import is_pretrained, load_pretrained
     if is_pretrained(path) and not os.path.isfile(path):
         return load_pretrained(path)
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
     try:
@@ -194,8 +232,11 @@ def load_checkpoint(path):
 def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
     """Build the model a checkpoint describes; EMA weights when present and use_ema. Eval mode."""
     from .model import ModelConfig, Transformer
-    model = Transformer(ModelConfig(**ckpt["config"]))
-    ema = ckpt.get("ema")
-    state = ema["model"] if (use_ema and ema) else ckpt["model"]
-    model.load_state_dict(state)
+    try:
+        model = Transformer(ModelConfig(**ckpt["config"]))
+        ema = ckpt.get("ema")
+        model.load_state_dict(ema["model"] if (use_ema and ema) else ckpt["model"])
+    except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as e:  # a damaged or foreign checkpoint
+        raise UserError(f"the checkpoint's weights do not match its config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}): it is damaged or not a tinydiff checkpoint") from None
     return model.to(device).eval()

@@ -1,18 +1,22 @@
 """Tokenizers, prepare (documents from tinydiff/sources.py -> uint16 .bin files), and batches.
 
-On disk (design.md §3), one folder per (source, tokenizer) under ROOT (default ./data, gitignored):
+On disk, one folder per (source content, tokenizer) under ROOT (default ./data, gitignored):
 
-    ROOT/<name>-<tokenizer>/train.bin   uint16 token ids, every document followed by the eot id
-    ROOT/<name>-<tokenizer>/val.bin     same layout, the held-out documents
-    ROOT/<name>-<tokenizer>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source, source_hash
+    ROOT/<name>-<tokenizer>-<key>/train.bin   uint16 token ids, every document followed by the eot id
+    ROOT/<name>-<tokenizer>-<key>/val.bin     same layout, the held-out documents
+    ROOT/<name>-<tokenizer>-<key>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source,
+                                              source_hash, key
 
 <name> is 'stdlib', 'shakespeare', 'owt', 'tinystories', or for a local path its sanitized name plus
-8 hex chars of a hash of its absolute path (two folders both called 'notes' do not collide). prepare()
-writes the folder once; later calls hash the source again (for 'owt' / 'tinystories': their recipe in
-sources.HF_SOURCES) and do nothing while the hash and tokenizer still match.
-Every file is written to a temp file beside it and moved into place with os.replace, meta.json
-last: it is the commit marker, so a crash or an error never leaves a half-written dataset that looks
-complete, and a failing prepare never touches a dataset that is already there.
+8 hex chars of a hash of its absolute path. <key> = 12 hex chars of a hash of the source's content
+(for 'owt' / 'tinystories': their recipe in sources.HF_SOURCES) and the tokenizer: the folder is keyed
+by what it holds. prepare() hashes the source and reuses the folder of that key when it exists; when
+the file was edited, the new content gets a new folder and the old one stays as it was, so a running
+job (which keeps reading its folder) never sees its data change, and a checkpoint records the folder
+and key it was trained on (checkpoint_data finds it again). A folder is written as a hidden temp
+folder and renamed into place in one step: it appears complete or not at all, is never written again
+once there, and a failing or killed prepare leaves nothing that looks like a dataset (temp folders of
+killed prepares are removed by the next prepare on the same machine).
 
 Sources (tinydiff/sources.py): 'stdlib' (the running interpreter's standard library, the default
 offline corpus), 'shakespeare' (tiny shakespeare, downloaded once), a path to a text file or a folder
@@ -26,6 +30,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 from collections import deque
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import DataError, commit_files, temp_path
+from .common import DataError, commit_files, pid_alive
 from .dist import rank0_first
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
@@ -113,17 +119,16 @@ def get_tokenizer(name="bytes"):
 # ----------------------------------------------------------------------------- prepare
 
 META_VERSION = 1  # bump when the layout or the split rules change, so old folders are rebuilt
+KEY_CHARS = 12  # hex chars of the content key in a folder name
 
 
 def _is_prepared(out, meta_want):
     """True when out/ holds a complete dataset for the same source content and tokenizer."""
     try:
         meta = json.loads((out / "meta.json").read_text())
-        return (all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "source_hash"))
-                and (out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
-                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
+    return all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "key")) and _is_complete(out)
 
 
 CHUNK_DOCS = 512  # documents per tokenisation task
@@ -194,38 +199,60 @@ def _source_hash(train_docs, val_docs):
 
 
 def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
-    """Tokenize both splits into temp files beside out/, then commit them with meta.json last."""
-    if (out / "meta.json").exists():
-        print(f"{out}: the source or tokenizer changed since it was prepared, preparing it again")
+    """Tokenize both splits into a temp folder beside out/, then rename it to out/ in one step: out/ appears
+    complete or not at all, and a folder that exists is never written again (a running job may read it)."""
     if num_proc is None:  # a Pool pays off only for many documents
         num_proc = min(os.cpu_count() or 1, 32) if len(train_docs) >= 8 * CHUNK_DOCS else 1
-    out.mkdir(parents=True, exist_ok=True)
-    bins = {split: out / f"{split}.bin" for split in ("train", "val")}
-    tmps = {split: temp_path(path) for split, path in bins.items()}
+    _remove_stale_temps(out.parent)
+    older = [p.name for p in out.parent.glob(f"{out.name[:-len(meta['key'])]}*") if p.is_dir() and p != out]
+    if older:
+        print(f"note: {source} changed since it was prepared: preparing {out.name}; the older "
+              f"{', '.join(sorted(older))} is kept for runs that read it (delete it when none does)")
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp.mkdir(parents=True)
     try:
-        n_train = _write_tokens(tmps["train"], train_docs, tok, num_proc, f"tokenizing {out.name} train")
-        n_val = _write_tokens(tmps["val"], val_docs, tok, num_proc, f"tokenizing {out.name} val")
+        n_train = _write_tokens(tmp / "train.bin", train_docs, tok, num_proc, f"tokenizing {out.name} train")
+        n_val = _write_tokens(tmp / "val.bin", val_docs, tok, num_proc, f"tokenizing {out.name} val")
         n_train_text, n_val_text = n_train - len(train_docs), n_val - len(val_docs)
         if n_train_text == 0 or n_val_text == 0:
             raise DataError(f"data source {source} is empty or too small: it gives {n_train_text} train and "
                             f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
         meta.update(train_tokens=n_train, val_tokens=n_val, n_documents=len(train_docs) + len(val_docs),
                     n_train_documents=len(train_docs), n_val_documents=len(val_docs))
-        commit_files({bins["train"]: tmps["train"], bins["val"]: tmps["val"],
-                      out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: the commit marker
+        commit_files({tmp / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})
+        try:
+            os.rename(tmp, out)  # atomic; fails when out/ exists (another process prepared the same content)
+        except OSError:
+            if not _is_prepared(out, meta):
+                raise DataError(f"{out} exists but is not a complete dataset: delete it and run again") from None
+            return out
     finally:
-        for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()
-        if not any(out.iterdir()):
-            out.rmdir()  # a failed first prepare leaves no empty folder behind
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"prepared {out}: {n_train:,} train / {n_val:,} val tokens from {meta['n_documents']:,} documents")
     return out
 
 
+def _remove_stale_temps(root):
+    """Remove temp folders of prepares killed on this machine (their process is gone)."""
+    host = socket.gethostname()
+    for tmp in Path(root).glob(f".*.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _meta(tok, where, source_hash):
+    """What identifies a dataset: the tokenizer and a hash of the source's content. key (in the folder name)
+    hashes both, so another content or tokenizer never lands in an existing folder."""
+    tok_id = f"{tok.name}/{tok.vocab_size}/{getattr(tok, 'fingerprint', '')}"  # a trained tokenizer adds its own
+    key = hashlib.sha256(f"{META_VERSION}/{tok_id}/{source_hash}".encode()).hexdigest()[:KEY_CHARS]
     return {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "source": where, "source_hash": source_hash}
+            "source": where, "source_hash": source_hash, "key": key}
+
+
+def _folder(root, name, tok, meta):
+    return Path(root) / f"{name}-{tok.name}-{meta['key']}"
 
 
 def _get_tokenizer(tokenizer_name):
@@ -235,18 +262,19 @@ def _get_tokenizer(tokenizer_name):
 
 
 def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None):
-    """Tokenize documents of your own into ROOT/<name>-<tokenizer>/ (unless already there); returns that folder.
-    train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of strings."""
+    """Tokenize documents of your own into ROOT/<name>-<tokenizer>-<key>/ (unless already there); returns that
+    folder. train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of
+    strings."""
     tok = _get_tokenizer(tokenizer_name)
-    out = Path(root) / f"{name}-{tok.name}"
     meta = _meta(tok, where or name, _source_hash(train_docs, val_docs))
+    out = _folder(root, name, tok, meta)
     if _is_prepared(out, meta):
         return out
     return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, name)
 
 
 def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None):
-    """Make sure ROOT/<name>-<tokenizer>/ holds the tokenized source; returns that folder.
+    """Make sure ROOT/<name>-<tokenizer>-<key>/ holds the tokenized source; returns that folder.
     num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1).
     Under torchrun, rank 0 prepares while the other ranks wait; they then find the folder ready."""
     with rank0_first():
@@ -259,18 +287,55 @@ def _prepare(source, tokenizer_name, root, num_proc):
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading
         # the dataset (OpenWebText's ~40 GB) again
         spec = HF_SOURCES[source]
-        out = Path(root) / f"{source}-{tok.name}"
         meta = _meta(tok, f"hf:{spec['path']}", hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
+        out = _folder(root, source, tok, meta)
         if _is_prepared(out, meta):
             return out
         train_docs, val_docs = hf_documents(source)
         return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
     name, train_docs, val_docs, where = local_documents(source, root)
-    out = Path(root) / f"{name}-{tok.name}"
     meta = _meta(tok, where, hash_documents(train_docs, val_docs))
+    out = _folder(root, name, tok, meta)
     if _is_prepared(out, meta):
         return out
     return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+
+
+def checkpoint_data(ckpt, source=None, what="the checkpoint"):
+    """The prepared folder a run continues on (train.py/distill.py --resume) or is evaluated on (eval.py):
+    the folder the checkpoint records, as it was (folders are keyed by content and never rewritten, so
+    an edited source does not change it). When that folder is gone (deleted, another machine or
+    working directory), the checkpoint's source is prepared again and must give the same content key.
+    source: another source asked for explicitly (eval.py --data): prepared as it is now."""
+    tok_name = ckpt["tokenizer"]["name"]
+    if source is not None:
+        return prepare(source, tok_name)
+    recorded, key = ckpt.get("data_dir"), ckpt.get("data_key")
+    try:
+        if recorded and (key is None or load_meta(recorded).get("key") == key) and _is_complete(Path(recorded)):
+            return Path(recorded)
+    except DataError:
+        pass
+    src = (ckpt.get("args") or {}).get("data") or "stdlib"
+    try:
+        data_dir = prepare(src, tok_name)
+    except DataError as e:
+        raise DataError(f"{what} was trained on {recorded}, which is gone, and its source cannot be prepared "
+                        f"again here ({e}); pass --data SOURCE (eval.py) or restore the data") from None
+    if key is not None and load_meta(data_dir)["key"] != key:
+        raise DataError(f"{what} was trained on {recorded} (content key {key}), which is gone, and its source {src} "
+                        f"now has other content ({data_dir}): restore that data, or evaluate on the new data "
+                        f"explicitly with --data (eval.py) / start a new run")
+    return data_dir
+
+
+def _is_complete(out):
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        return ((out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def load_meta(data_dir):

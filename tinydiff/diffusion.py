@@ -112,25 +112,42 @@ def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3):
 
 
 @torch.no_grad()
-def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
-    """Per-token NELBO (nats) of held-out windows val_x (N, L), averaged over n_draws stratified
-    t draws per window with a fixed seed: every model is scored on the same tokens and noise.
-    exp(bound) upper-bounds the diffusion model's perplexity up to O(eps) (alpha_1 = eps and the dropped
-    prior term: module docstring)."""
+def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
+    """Per-token NELBO (nats) of each held-out window of val_x (N, L), float64 (N,): the mean over n_draws
+    t draws of the window's integrand (Sahoo et al. 2024, eq. 10), an unbiased estimate of its bound.
+
+    The noise belongs to the window, not to the batch it is scored in: one CPU generator seeded with
+    `seed` draws, window after window, u_k (1,) then the mask uniforms (n_draws, L). Window k's t are
+    stratified over its own draws, t_kd = ((u_k + d / n_draws) mod 1)(1 - eps_t) + eps_t, so each t is
+    uniform on [eps_t, 1] and the draws of one window cover it evenly. The result therefore depends only
+    on (model, tokens, seed, n_draws): not on batch_size (rows per forward pass), the device or the number
+    of windows after k (the same for train.py's periodic eval and eval.py)."""
     autocast = autocast or contextlib.nullcontext
-    device = val_x.device  # the caller puts the held-out windows on the model's device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for _ in range(n_draws):
-        for i in range(0, len(val_x), batch_size):
-            x = val_x[i:i + batch_size]  # (b, L)
-            t = sample_times(x.shape[0], gen, device, eps_t)
-            z = forward_mask(x, t, schedule, mask_id, gen)
-            with autocast():
-                logits = model(z)
-            total += nelbo_terms(logits, x, z, t, schedule, mask_id).double().sum()
-            count += x.numel()
-    return total.item() / count
+    n, L = val_x.shape
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(n_draws) / n_draws  # (D,)
+    t, u = torch.empty(n, n_draws), torch.empty(n, n_draws, L)
+    for k in range(n):  # window order: window k's draws do not depend on the windows after it
+        t[k] = ((torch.rand(1, generator=gen) + offsets) % 1) * (1 - eps_t) + eps_t  # (D,)
+        u[k] = torch.rand(n_draws, L, generator=gen)  # (D, L)
+    t, u = t.flatten(), u.flatten(0, 1)  # rows = (window, draw) pairs, window-major: (N*D,), (N*D, L)
+    sums = torch.empty(n * n_draws, dtype=torch.float64, device=val_x.device)  # (N*D,) each row's integrand
+    for i in range(0, n * n_draws, batch_size):
+        rows = torch.arange(i, min(i + batch_size, n * n_draws))  # (b,)
+        x = val_x[(rows // n_draws).to(val_x.device)]  # (b, L)
+        tb, ub = t[rows].to(val_x.device), u[rows].to(val_x.device)  # (b,), (b, L)
+        z = torch.where(ub < (1 - schedule.alpha(tb))[:, None], torch.full_like(x, mask_id), x)  # z_t ~ q(z_t | x)
+        with autocast():
+            logits = model(z)  # (b, L, V)
+        sums[i:i + len(rows)] = nelbo_terms(logits, x, z, tb, schedule, mask_id).double().sum(1)
+    return sums.view(n, n_draws).mean(1) / L  # (N,)
+
+
+def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
+    """Per-token NELBO (nats) of held-out windows val_x (N, L): the mean of val_bound_windows, so every
+    model is scored on the same tokens and noise, whatever the batch size. exp(bound) upper-bounds the
+    diffusion model's perplexity up to O(eps) (alpha_1 = eps and the dropped prior term: module docstring)."""
+    return val_bound_windows(model, val_x, schedule, mask_id, n_draws, seed, batch_size, eps_t, autocast).mean().item()
 
 
 def bound_to_ppl(nats):

@@ -26,31 +26,42 @@ import torch.nn.functional as F
 from .common import UserError
 from .data import FRAMINGS, frame, load_meta, val_windows
 from .diffusion import (LogLinearSchedule, bound_to_ppl, forward_mask, masked_log_probs, nelbo_terms, sample_times,
-                        val_bound)
+                        val_bound_windows)
 
 
 @torch.no_grad()
-def ar_nll(model, val_x, batch_size=32, autocast=None):
-    """Mean next-token NLL (nats) of an AR model on windows val_x (N, L+1): predicts tokens 1..L."""
+def ar_nll_windows(model, val_x, batch_size=32, autocast=None):
+    """Mean next-token NLL (nats) of an AR model on each window of val_x (N, L+1), float64 (N,): predicts
+    tokens 1..L of the window."""
     autocast = autocast or contextlib.nullcontext
-    total, count = torch.zeros((), dtype=torch.float64, device=val_x.device), 0
+    out = torch.empty(len(val_x), dtype=torch.float64, device=val_x.device)  # (N,)
     for i in range(0, len(val_x), batch_size):
         x = val_x[i:i + batch_size]  # (b, L+1)
         with autocast():
             logits = model(x[:, :-1])  # (b, L, V)
-        total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").double()
-        count += x[:, 1:].numel()
-    return total.item() / count
+        nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, L)
+        out[i:i + len(x)] = nll.double().mean(1)
+    return out
+
+
+def ar_nll(model, val_x, batch_size=32, autocast=None):
+    """Mean next-token NLL (nats) of an AR model on windows val_x (N, L+1): predicts tokens 1..L."""
+    return ar_nll_windows(model, val_x, batch_size, autocast).mean().item()
 
 
 def val_metrics(model, kind, val_x, mask_id=None, draws=2, seed=0, batch_size=32, autocast=None):
-    """{"val_loss", "val_ppl"}: AR exact NLL; MDLM the NELBO bound (an upper bound on its NLL).
+    """{"val_loss", "val_loss_se", "val_ppl"}: AR exact NLL; MDLM the NELBO bound (an upper bound on its NLL),
+    with `draws` t draws per window from `seed` (diffusion.val_bound_windows: the number does not depend on
+    batch_size). val_loss_se: the standard error of the mean over windows (None for one window).
     val_x: (N, L+1) windows for AR, (N, L) for MDLM (see val_window_len)."""
     if kind == "ar":
-        nats = ar_nll(model, val_x, batch_size, autocast)
+        per_window = ar_nll_windows(model, val_x, batch_size, autocast)  # (N,)
     else:
-        nats = val_bound(model, val_x, LogLinearSchedule(), mask_id, draws, seed, batch_size, autocast=autocast)
-    return {"val_loss": nats, "val_ppl": bound_to_ppl(nats)}
+        per_window = val_bound_windows(model, val_x, LogLinearSchedule(), mask_id, draws, seed, batch_size,
+                                       autocast=autocast)  # (N,)
+    nats = per_window.mean().item()
+    se = (per_window.std() / math.sqrt(len(per_window))).item() if len(per_window) > 1 else None
+    return {"val_loss": nats, "val_loss_se": se, "val_ppl": bound_to_ppl(nats)}
 
 
 def val_window_len(kind, seq_len):

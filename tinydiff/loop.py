@@ -14,7 +14,12 @@ evaluates and writes checkpoints.
 
 Preemption: SIGTERM makes the loop finish the current step, write OUT_DIR/ckpt.pt and exit with
 status 143 (128 + SIGTERM: the run is not complete; the same command plus --resume continues it
-exactly). --ckpt_minutes N also writes ckpt.pt every N minutes.
+exactly). Ctrl-C (SIGINT) does the same with status 130; a second Ctrl-C aborts at once (the last
+checkpoint stays intact). --ckpt_minutes N also writes ckpt.pt every N minutes. A save that fails
+(disk full, permissions) stops the run with one `error:` line naming the checkpoint that is intact.
+
+Resume (--resume): the run continues as it was started. Every flag takes the checkpoint's value;
+a flag given on the command line must equal it, except the ones in RESUMABLE (resume_args).
 """
 import contextlib
 import math
@@ -27,12 +32,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import dist
-from .common import EMA, save_checkpoint
+from .common import EMA, UserError, save_checkpoint, write_error
 from .data import FRAMINGS, get_batch
 from .model import DROPOUT_SITES
 from .diffusion import data_parallel_noise
+from .samplers import sampler_flags
 
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
+INTERRUPTED = 130  # after Ctrl-C (128 + SIGINT), likewise
+STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", PREEMPTED), signal.SIGINT: ("Ctrl-C", INTERRUPTED)}
+
+# Flags a resumed run may change (the one list; --help prints it): the schedule, intervals, batch split,
+# runtime, and the sampler of the end-of-run sample. Everything else -- data, tokenizer, architecture,
+# framing, seed, EMA, weight decay (kept in the optimizer state), the eval windows and draws (the history
+# must compare like with like), the distillation recipe -- comes from the checkpoint.
+RESUMABLE = ("max_iters", "lr", "min_lr", "lr_schedule", "warmup", "grad_clip", "batch_size", "grad_accum",
+             "eval_interval", "ckpt_interval", "ckpt_minutes", "log_interval", "device", "dtype", "compile",
+             "tcs_cache_mb", "teacher_elems", "sampler", *sampler_flags())
+NOT_COMPARED = ("resume", "overwrite", "out_dir")  # where and how the run is continued, not what it is
 
 
 def add_run_args(p):
@@ -71,7 +88,52 @@ def add_run_args(p):
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (autocast dtype; auto = bf16 on CUDA)")
     p.add_argument("--compile", default="auto", help="auto|true|false (auto = on for CUDA)")
     p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and noise")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt exactly where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT_DIR/ckpt.pt exactly where it stopped: its data, tokenizer, "
+                        "architecture and every other flag come from the checkpoint; a flag given that contradicts "
+                        f"it is an error, except these, which may change on resume: --{', --'.join(RESUMABLE)}")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUT_DIR that holds a checkpoint, replacing it (without this flag "
+                        "or --resume such a folder is refused)")
+
+
+def resume_args(args, ckpt, given, path):
+    """Continue the run a checkpoint holds: every flag not given takes the checkpoint's value; a given flag
+    must equal it unless it is RESUMABLE. given: the flags written on the command line (checks.given_flags).
+    Also refuses a --max_iters below the checkpoint's iteration."""
+    old = ckpt.get("args") or {}
+    for name, value in old.items():
+        if name in NOT_COMPARED or not hasattr(args, name):
+            continue
+        if name not in given:
+            setattr(args, name, value)
+        elif name not in RESUMABLE and getattr(args, name) != value:
+            raise UserError(f"--{name} {getattr(args, name)} contradicts {path}, which holds --{name} {value}: a "
+                            f"resumed run keeps its data, tokenizer, architecture and recipe; drop the flag, or start "
+                            f"a new run in another --out_dir (--resume may change: --{', --'.join(RESUMABLE)})")
+    if args.max_iters < ckpt["iter"]:
+        raise UserError(f"--max_iters {args.max_iters} is below the iteration of {path} ({ckpt['iter']}): "
+                        f"give --max_iters {ckpt['iter']} or more")
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and Ctrl-C only ask the loop to stop after the current step, which it
+    does after writing ckpt.pt; a second Ctrl-C aborts at once (KeyboardInterrupt: a save in progress is
+    abandoned and its temp file removed, the previous checkpoint stays intact)."""
+
+    def __init__(self):
+        self.got = []
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+
+    def handle(self, signum, frame=None):
+        if signum == signal.SIGINT and signal.SIGINT in self.got:
+            self.restore()
+            raise KeyboardInterrupt
+        self.got.append(signum)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -147,22 +209,30 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     fwd = torch.compile(net) if run["compile"] else net
     rank_gen = torch.Generator(device=device) if ddp else None
     batch_fn = run.get("get_batch", get_batch)
-    last_save = time.time()
+    last_save, saved_iter = time.time(), (resume["iter"] if resume is not None else None)
 
     def checkpoint(path=None, **override):
         """Write the full state to OUT_DIR/ckpt.pt, or to `path` with some top-level keys overridden
-        (SDTT's per-round files: their own sample_steps, no optimizer). Rank 0 only (no collective)."""
-        nonlocal last_save
+        (SDTT's per-round files: their own sample_steps, no optimizer). Rank 0 only (no collective).
+        A failed write (disk full, permissions) is a UserError that names the checkpoint still intact."""
+        nonlocal last_save, saved_iter
         if not rank0:
             return
-        save_checkpoint({**ckpt_meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                         "optimizer": opt.state_dict(), "iter": it, "rng": rng_state(gens), "history": history,
-                         "extra": extra, "world_size": world, **override}, path or f"{args.out_dir}/ckpt.pt")
+        target, main = path or f"{args.out_dir}/ckpt.pt", f"{args.out_dir}/ckpt.pt"
+        try:
+            save_checkpoint({**ckpt_meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                             "optimizer": opt.state_dict(), "iter": it, "rng": rng_state(gens), "history": history,
+                             "extra": extra, "world_size": world, **override}, target)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            bar.close()  # ends the progress line: the error line starts on a line of its own
+            signals.restore()
+            intact = (f"{main} (iter {saved_iter}) is intact: free space or fix the folder, then continue with the same "
+                      f"command plus --resume" if saved_iter is not None else "no checkpoint of this run was written")
+            raise UserError(f"could not write {target} at iter {it} ({write_error(e, target)}); {intact}") from None
         if path is None:
-            last_save = time.time()  # --ckpt_minutes counts from the last ckpt.pt
+            last_save, saved_iter = time.time(), it  # --ckpt_minutes counts from the last ckpt.pt
 
-    preempted = []  # SIGTERM (preemption) only sets this flag; the loop stops at the end of the step
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
+    signals = StopSignals()  # SIGTERM and Ctrl-C only set a flag; the loop stops at the end of the step
     model.train()
     tokens_per_step = args.batch_size * world * args.grad_accum * run["window"]
     print(f"global batch: {args.batch_size} x {args.grad_accum} (accumulation) x {world} (processes) = "
@@ -199,7 +269,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         it += 1
         for hook in hooks:
             extra.update(hook(it, {"model": model, "ema": ema, "opt": opt, "checkpoint": checkpoint}) or {})
-        stop = dist.agree(bool(preempted))  # every rank stops after the same step (a CPU all-reduce)
+        stop = dist.agree(bool(signals.got))  # every rank stops after the same step (a CPU all-reduce)
         if it % args.log_interval == 0 or it == args.max_iters:
             train_loss, *values = dist.mean(logged).tolist()  # the one host sync, every log_interval steps
             tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
@@ -213,7 +283,8 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             history.append({"iter": it, **metrics})
             seconds = time.time() - t0
             eval_seconds += seconds
-            tqdm.write(f"iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" ({seconds:.1f}s)")
+            shown = " ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in metrics.items())
+            tqdm.write(f"iter {it}: {shown} ({seconds:.1f}s)")
             model.train()
         due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
         if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
@@ -221,12 +292,13 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         if stop and it < args.max_iters:
             bar.close()
             dist.barrier()  # rank 0 has written ckpt.pt
+            name, status = STOP_SIGNALS[(signals.got or [signal.SIGTERM])[0]]
             if rank0:
-                print(f"SIGTERM: stopped after iter {it}/{args.max_iters} and wrote {args.out_dir}/ckpt.pt; continue "
-                      f"with the same command plus --resume (exit status {PREEMPTED})", file=sys.stderr, flush=True)
-            sys.exit(PREEMPTED)
+                print(f"{name}: stopped after iter {it}/{args.max_iters} and wrote {args.out_dir}/ckpt.pt; continue "
+                      f"with the same command plus --resume (exit status {status})", file=sys.stderr, flush=True)
+            sys.exit(status)
     bar.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    signals.restore()
     dist.barrier()  # the final ckpt.pt is on disk before any rank reads it
     elapsed = time.time() - t_start - eval_seconds  # training time only
     metrics = {k: v for k, v in history[-1].items() if k != "iter"} if history else {}

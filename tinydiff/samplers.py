@@ -408,6 +408,11 @@ def add_sampler_args(parser, choose=True):
                             help=f"{knob.help} (default {knob.default})")
 
 
+def sampler_flags():
+    """The names of every knob flag add_sampler_args defines."""
+    return tuple(dict.fromkeys([*COMMON, *(k for s in SAMPLERS.values() for k in s.knobs)]))
+
+
 def knobs_from_args(name, args):
     """The resolved knobs of sampler `name` from parsed flags (add_sampler_args)."""
     return resolve(name, {k: getattr(args, k) for k in knobs_of(name, getattr(args, "inner", None))})

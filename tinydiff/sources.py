@@ -60,15 +60,30 @@ def stdlib_files():
 
 
 def _read_text(path, skip_bad=False):
-    """File -> str (UTF-8, undecodable bytes replaced). With skip_bad, None for binaries (they hold a NUL byte)
-    and unreadable files: a user's folder may hold both, and one of them should not fail the whole corpus."""
+    """File -> str (UTF-8, undecodable bytes replaced). A binary file (looks_binary) is refused with a DataError;
+    with skip_bad it is None instead, and so is an unreadable file: a user's folder may hold both, and one of
+    them should not fail the whole corpus."""
     try:
         data = Path(path).read_bytes()
     except OSError:
         if not skip_bad:
             raise
         return None
-    return None if skip_bad and b"\0" in data else data.decode("utf-8", errors="replace")
+    if looks_binary(data):
+        if skip_bad:
+            return None
+        raise DataError(f"data file {path} looks binary (it holds NUL bytes or is mostly not UTF-8 text): "
+                        f"give a text file or a folder of them")
+    return data.decode("utf-8", errors="replace")
+
+
+def looks_binary(data):
+    """A NUL byte (text never holds one; executables, images and UTF-16 do), or more than a quarter of the
+    first 64 KiB undecodable as UTF-8."""
+    if b"\0" in data:
+        return True
+    head = data[:65536]
+    return len(head) > 0 and head.decode("utf-8", errors="replace").count("\ufffd") > len(head) / 4
 
 
 def _split_text(text, frac=0.9):
@@ -117,6 +132,8 @@ def local_documents(source, root):
         files = _walk(path, lambda d: not d.name.startswith(".") and d.name != "__pycache__" and d.resolve() != skip,
                       lambda f: Path(f).suffix.lower() in TEXT_SUFFIXES and not f.startswith("."))
         texts = [t for t in (_read_text(f, skip_bad=True) for f in files) if t is not None]
+        if len(texts) < len(files):
+            print(f"note: skipped {len(files) - len(texts)} binary or unreadable file(s) under {path}")
         if not texts:
             raise DataError(f"no text files found under {path} (looked for {', '.join(sorted(TEXT_SUFFIXES))}): "
                             f"point --data at a folder that holds text files, or at a single text file")
