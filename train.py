@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, prepare
+from tinydiff.data import DataError, default_tokenizer, get_tokenizer, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, train
@@ -47,6 +47,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
 
     # data: prepared once under data/<source>-<tokenizer>/, reused afterwards
+    args.tokenizer = args.tokenizer or default_tokenizer(args.data)  # bytes; the lab has its own
     data_dir = prepare(args.data, args.tokenizer)
     tok = get_tokenizer(args.tokenizer)
 

@@ -132,6 +132,9 @@ def test_masked_posterior(lab, brute):
     z = torch.where(torch.rand(x.shape, generator=gen) < 0.5, lab.mask_id, x)
     z[0] = lab.mask_id  # all masked: the marginal
     got = lab.conditionals(z)
+    # log_prob sums the masked positions out: the probability of the observed tokens
+    seen = torch.stack([(brute.p * ((brute.seqs == zb) | (zb == lab.mask_id)).all(-1)).sum() for zb in z])
+    assert torch.allclose(lab.log_prob(z), seen.log(), atol=1e-10)
     for b in range(len(z)):
         for i in range(L):
             assert torch.allclose(got[b, i], brute.cond(z[b], i, lab.mask_id), atol=1e-12), (z[b], i)

@@ -16,6 +16,7 @@ Preemption: SIGTERM makes the loop finish the current step, write OUT_DIR/ckpt.p
 status 143 (128 + SIGTERM: the run is not complete; the same command plus --resume continues it
 exactly). --ckpt_minutes N also writes ckpt.pt every N minutes.
 """
+import argparse
 import contextlib
 import math
 import signal
@@ -30,14 +31,18 @@ from . import dist
 from .common import EMA, save_checkpoint
 from .data import get_batch
 from .diffusion import data_parallel_noise
+from .lab import canonical_source
 
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
 
 
 def add_run_args(p):
     """Flags shared by every training script (one vocabulary across train.py and distill.py)."""
-    p.add_argument("--data", default="stdlib", help="stdlib (offline default), shakespeare, or a text file/folder")
-    p.add_argument("--tokenizer", default="bytes", help="bytes (default, 257 ids) or gpt2 (tiktoken)")
+    p.add_argument("--data", default="stdlib", type=data_source,
+                   help="stdlib (offline default), shakespeare, a text file/folder, or lab / lab:W=256,delta=0.02,... "
+                        "(the exact synthetic language, docs/lab.md)")
+    p.add_argument("--tokenizer", default=None,
+                   help="bytes (default, 257 ids) or gpt2 (tiktoken); --data lab has its own (labA, its letters + 2)")
     p.add_argument("--out_dir", default="out", help="where ckpt.pt is written")
     p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
@@ -64,6 +69,14 @@ def add_run_args(p):
     p.add_argument("--compile", default="auto", help="auto|true|false (auto = on for CUDA)")
     p.add_argument("--seed", type=int, default=1337, help="seed for init, data order and noise")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt exactly where it stopped")
+
+
+def data_source(value):
+    """--data: a lab spec is written out in full (every parameter), so checkpoints record the lab exactly."""
+    try:
+        return canonical_source(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def make_optimizer(model, lr, weight_decay, device):
