@@ -20,13 +20,14 @@ Per sample set (n samples of L tokens, independent):
   valid_words and word_tv get bootstrap standard errors (resampling whole samples).
 """
 import math
+import time
 from dataclasses import fields
 
 import numpy as np
 import torch
 
 from .data import load_meta
-from .lab import Lab, LabParams
+from .lab import Lab, LabParams, OracleDenoiser, parse_spec
 
 
 def lab_of(data_dir):
@@ -95,3 +96,45 @@ def lab_table(rows, H):
     lines.append("(CE = mean -log p_true(sample)/token; perfect sampler: CE = H. oracle gen NLL: the gen-NLL protocol "
                  "with the true model as judge; judge gen NLL: the learned judge. real = exact samples of the lab)")
     return "\n".join(lines)
+
+
+def describe(spec="lab", L=128, n=1000, draws=2048, seed=0):
+    """The numbers of docs/lab.md's instance table: size, H, and the cost of each exact function on n
+    sequences of L tokens (milliseconds per 1000 sequences, this machine, torch's default threads)."""
+    lab, gen = Lab(parse_spec(spec)), torch.Generator().manual_seed(seed)
+    x = lab.sample(n, L, gen)  # (n, L)
+    t = torch.rand(n, 1, generator=gen)  # a masking rate per sequence, as in training
+    z = torch.where(torch.rand(n, L, generator=gen) < t, lab.mask_id, x)  # (n, L)
+    jobs = {"sample": lambda: lab.sample(n, L, gen), "log_prob": lambda: lab.log_prob(x),
+            "next_token_probs (oracle AR)": lambda: lab.next_token_probs(x),
+            "conditionals (full, TCS target)": lambda: lab.conditionals(x),
+            "OracleDenoiser (masked z)": lambda: OracleDenoiser(lab)(z)}
+    ms = {}
+    for name, job in jobs.items():
+        t0 = time.perf_counter()
+        job()
+        ms[name] = (time.perf_counter() - t0) * 1e3 * 1000 / n
+    t0 = time.perf_counter()
+    H = lab.entropy(L, draws, seed)
+    ms[f"entropy ({draws} draws, total)"] = (time.perf_counter() - t0) * 1e3
+    info = {"spec": lab.params.spec(), "W": lab.params.W, "V": lab.V, "S": lab.S, "L": L, **H,
+            "mean_word_len": float((lab.word_pi * lab.n_states).sum() - 1), "ms_per_1000": ms,
+            "threads": torch.get_num_threads()}
+    print(f"{info['spec']}\nW {info['W']} words, |V| {lab.V} (+ [MASK]), S {lab.S} hidden states, mean word length "
+          f"{info['mean_word_len']:.2f} letters\nH = {H['H']:.4f} ± {H['H_se']:.4f} nats/token ({L}-token windows), "
+          f"entropy rate h = {H['h_rate']:.4f} ± {H['h_rate_se']:.4f}")
+    for name, v in ms.items():
+        print(f"  {name:<36} {v:9.0f} ms" + ("" if "total" in name else f" per 1000 sequences of {L}"))
+    return info
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description="Describe a lab: its size, entropy and the cost of its exact functions.")
+    p.add_argument("spec", nargs="?", default="lab", help="lab or lab:W=256,delta=0.02,...")
+    p.add_argument("--L", type=int, default=128, help="sequence length")
+    p.add_argument("--n", type=int, default=1000, help="sequences per timed call")
+    p.add_argument("--draws", type=int, default=2048, help="windows for the entropy estimate")
+    a = p.parse_args()
+    print(json.dumps(describe(a.spec, a.L, a.n, a.draws)))
