@@ -47,7 +47,7 @@ from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint
                              pick_device, pick_dtype)
 from tinydiff.data import DataError, get_tokenizer, load_meta, prepare
 from tinydiff.lab import OracleDenoiser
-from tinydiff.lab_eval import lab_metrics, lab_of, lab_table
+from tinydiff.lab_eval import heldout_gap, lab_metrics, lab_of, lab_table
 from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lambada, retokenize, sample_metrics,
                                val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
@@ -148,6 +148,11 @@ def main():
               f"loss {vm['val_loss']:.4f} nats/token, PPL {vm['val_ppl']:.3f} ({how}, {time.time() - t0:.1f}s)")
         record.update(val_loss=vm["val_loss"], val_ppl=vm["val_ppl"], val_scored_tokens=n_scored,
                       val_draws=args.val_draws if kind == "mdlm" else None, val_ppl_judge=None)
+        if lab is not None:  # paired per window against the true NLL of the same tokens (own t draws)
+            g = record["val_lab"] = heldout_gap(model, kind, lab, val_x.to(device), mask_id, args.val_draws,
+                                                args.seed, args.batch_size, autocast)
+            print(f"val (lab): model {g['model']:.4f} - true NLL of the same tokens {g['true']:.4f} = gap "
+                  f"{g['gap']:+.4f} ± {g['gap_se']:.4f} nats/token ({g['windows']} windows)")
         if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
             jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens)
             record["val_ppl_judge"] = val_metrics(judge, "ar", jx.to(device), batch_size=args.batch_size)["val_ppl"]

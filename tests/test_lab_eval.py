@@ -14,8 +14,8 @@ import torch
 
 from harness import z_threshold
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare
-from tinydiff.lab import Lab, LabParams, OracleDenoiser
-from tinydiff.lab_eval import lab_metrics, lab_of, window_word_law, words_of
+from tinydiff.lab import Lab, LabParams, OracleAR, OracleDenoiser
+from tinydiff.lab_eval import heldout_gap, lab_metrics, lab_of, per_rate, window_word_law, words_of
 from tinydiff.sampler import diffusion_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -99,6 +99,19 @@ def test_oracle_sampling_ce(lab):
     z = z_threshold(1e-4, 2)
     assert ce[1]["ce"] - H["H"] > 10 * ce[1]["ce_se"] + 0.3, (ce, H)
     assert abs(ce[256]["ce"] - H["H"]) <= z * math.hypot(ce[256]["ce_se"], H["H_se"]) + 0.02, (ce, H)
+
+
+def test_heldout_gap_and_per_rate(lab):
+    """The oracles score the truth: the oracle AR's held-out NLL is the true NLL exactly; the oracle
+    denoiser's NELBO bound equals it in expectation (within s.e.); per masking rate its KL is 0."""
+    gen = torch.Generator().manual_seed(6)
+    ar = heldout_gap(OracleAR(lab), "ar", lab, lab.sample(64, 33, gen))
+    assert abs(ar["gap"]) < 1e-6 and ar["gap_se"] < 1e-6  # (the AR scoring runs in fp32)
+    md = heldout_gap(OracleDenoiser(lab), "mdlm", lab, lab.sample(300, 32, gen), lab.mask_id, draws=4)
+    assert abs(md["gap"]) <= z_threshold(1e-4) * md["gap_se"] and md["gap_se"] < 0.05, md
+    rows = per_rate(OracleDenoiser(lab), lab, 32, rates=(0.1, 0.9), n=32)
+    assert all(abs(r["kl"]) < 1e-9 and r["model"] == pytest.approx(r["oracle"]) for r in rows)
+    assert rows[0]["oracle"] < rows[1]["oracle"]  # less context, harder
 
 
 # ----------------------------------------------------------------------------- the scripts on --data lab

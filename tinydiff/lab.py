@@ -48,9 +48,9 @@ F64 = torch.float64
 @dataclass(frozen=True)
 class LabParams:
     """Everything that defines a lab (its language) and its prepared data. Spec string: lab:W=256,delta=0.02."""
-    W: int = 256  # words in the lexicon
+    W: int = 32  # words in the lexicon (256: ~3x further from H after the same training; docs/lab.md)
     A: int = 12  # letters; vocabulary = A letters + space + end-of-text
-    b: int = 4  # successors per word (branching of the word chain)
+    b: int = 3  # successors per word (branching of the word chain)
     zipf: float = 1.0  # Zipf exponent of word popularity and of each word's successor weights
     p_end: float = 0.1  # probability that the sentence ends after a word
     delta: float = 0.02  # emission noise: a symbol is replaced by a uniform one with this probability
@@ -93,7 +93,7 @@ def parse_spec(source):
 
 def canonical_source(source):
     """A --data value with a lab spec written out in full (every parameter), so checkpoints record the
-    lab exactly; other sources unchanged. argparse calls it (type=) and shows its ValueError."""
+    lab exactly; other sources unchanged. Raises ValueError for a bad spec."""
     params = parse_spec(source)
     return source if params is None else params.spec()
 
@@ -114,7 +114,9 @@ class Lab:
         n = np.array([len(s) for s in syms])  # (W+1,) states per word
         start = np.concatenate([[0], np.cumsum(n)[:-1]])  # (W+1,)
         self.S = int(n.sum())
-        self.n_states, self.start_np, self.succ_np, self.cum_np = n, start, succ, np.cumsum(succ_p, 1)
+        cum = np.cumsum(succ_p, 1)  # (W+1, K) for the stream sampler; its last nonzero entry exactly 1
+        cum[np.arange(len(cum)), (succ_p > 0).cumsum(1).argmax(1)] = 1.0
+        self.n_states, self.start_np, self.succ_np, self.cum_np = n, start, succ, cum
         self.sym = torch.tensor(np.concatenate(syms))  # (S,) the symbol each state emits
         self.word_of = torch.from_numpy(np.repeat(np.arange(p.W + 1), n))  # (S,)
         self.start = torch.from_numpy(start)  # (W+1,) first state of each word
@@ -125,11 +127,8 @@ class Lab:
         self.succ_p = torch.from_numpy(succ_p)  # (W+1, K)
         # a visit to word w lasts n_w steps: the stationary state law is pi_w / sum_w' pi_w' n_w' on each state
         self.pi = torch.from_numpy(np.repeat(self.word_pi / (self.word_pi * n).sum(), n))  # (S,)
-        # emissions: E[s, v] = delta/V + (1 - delta) [v == sym_s]; Et has one more row, all ones, for [MASK]:
-        # a masked position's emission summed over v is 1 for every state
-        onehot = torch.nn.functional.one_hot(self.sym, self.V).to(F64)  # (S, V)
-        self.E = p.delta / self.V + (1 - p.delta) * onehot  # (S, V)
-        self.Et = torch.cat([self.E.T, torch.ones(1, self.S, dtype=F64)]).contiguous()  # (V+1, S)
+        # emissions: E[s, v] = delta/V + (1 - delta) [v == sym_s]
+        self.E = p.delta / self.V + (1 - p.delta) * torch.nn.functional.one_hot(self.sym, self.V).to(F64)  # (S, V)
         self.word_law = torch.from_numpy(self.word_pi[:p.W] / self.word_pi[:p.W].sum())  # (W,) law of word tokens
 
     def text(self, ids):
