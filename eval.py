@@ -244,7 +244,8 @@ def main():
                   nfe={r["row"]: r["nfe"] for r in table}, seconds={r["row"]: r["seconds"] for r in table},
                   lambada_acc=lam and lam["acc"], lambada_nll=lam and lam["nll"], lambada_ppl=lam and lam["ppl"],
                   lambada_n=lam and lam["n"], lambada_truncated=lam and lam["truncated"], lambada_file=args.lambada,
-                  lab_H=lab_H, lambada_limit=args.limit, lambada_draws=args.lambada_draws if lam and kind == "mdlm" else None)
+                  lab_H=lab_H, lambada_limit=args.limit,
+                  lambada_draws=args.lambada_draws if lam and kind == "mdlm" else None)
     emit(record)
 
 

@@ -5,7 +5,6 @@ Statistical checks (the samplers) use chi-square / standard-error tolerances at 
 with fixed seeds, as tests/test_diffusion.py does.
 """
 import itertools
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +25,7 @@ class Brute:
     """p(x) of every string in V^L by summing over every nonzero-probability hidden-state path."""
 
     def __init__(self, lab, L):
-        V, W = lab.V, lab.params.W
+        V = lab.V
         syms = [list(w) + [lab.space] for w in lab.words] + [[lab.eot]]  # the definition: letters, space; end
         states = [(w, k) for w, s in enumerate(syms) for k in range(len(s))]
         index = {s: i for i, s in enumerate(states)}

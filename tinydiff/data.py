@@ -330,7 +330,7 @@ def _prepare_lab(source, tok, root):
                 n_val_documents=1, lab=asdict(params), lab_states=lab.S)
     out.mkdir(parents=True, exist_ok=True)
     commit_files({out / "train.bin": splits["train"], out / "val.bin": splits["val"],
-                  out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: the commit marker
+                  out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: commit marker
     print(f"prepared {out}: the exact lab {spec} ({lab.S} hidden states), {params.train_tokens:,} train / "
           f"{params.val_tokens:,} val tokens")
     return out

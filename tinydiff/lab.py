@@ -35,7 +35,7 @@ The exact quantities (batched torch, CPU, float64):
     entropy           H = E[-log p(X_1..L)] / L of L-windows and the entropy rate h, with s.e.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch

@@ -80,7 +80,8 @@ def lab_metrics(lab, samples, n_boot=200, seed=0):
     valid, tv = _word_stats(words, range(n), law)
     rng = np.random.default_rng(seed)
     boot = np.array([_word_stats(words, rng.integers(n, size=n), law) for _ in range(n_boot)])  # (n_boot, 2)
-    return {"ce": nll.mean().item(), "ce_se": se(nll), "oracle_gen_nll": gen.mean().item(), "oracle_gen_nll_se": se(gen),
+    return {"ce": nll.mean().item(), "ce_se": se(nll),
+            "oracle_gen_nll": gen.mean().item(), "oracle_gen_nll_se": se(gen),
             "valid_words": valid, "valid_words_se": float(np.nanstd(boot[:, 0])), "word_tv": tv,
             "word_tv_se": float(np.nanstd(boot[:, 1])), "words_per_sample": sum(map(len, words)) / n}
 
