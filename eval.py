@@ -32,6 +32,13 @@ What every number is:
 - entropy: unigram entropy (nats) of each sample, averaged; self-BLEU-4 over the sample set.
 - sampling: --sampler with its knobs (default ancestral, temperature 1, no truncation: the model's own
   law), float64 draws; NFE = network calls per batch of samples.
+- the exact lab (--data lab, docs/lab.md): each row also gets its TRUE cross-entropy CE = -log p(sample)/token
+  beside H (the entropy of windows of gen_len tokens), the gen NLL with the true model as judge, the fraction
+  of valid words and the word-histogram TV (tinydiff/lab_eval.py); the AR model's samples start from one
+  token drawn from the language's stationary law (so a perfect model gives exact windows: CE = H), not eot.
+  --oracle samples with the lab's exact denoiser instead of the network: its CE at K steps is the pure
+  factorisation error of K-step sampling, e.g.
+    python eval.py --ckpt runs/lab/mdlm/ckpt.pt --oracle --steps 4,8,16,32,64,128 --num_samples 256
 - LAMBADA: last word with its leading space; contexts longer than the model's context are
   left-truncated (the count is printed). MDLM: one forward on context + [MASK]s; bound with
   --lambada_draws stratified t. Framing (--lambada_framing, printed and in the JSON): by default SDTT's
@@ -48,10 +55,12 @@ import torch
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
-from tinydiff.data import FRAMINGS, checkpoint_data, get_tokenizer
+from tinydiff.data import FRAMINGS, checkpoint_data, get_tokenizer, load_meta
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample
+from tinydiff.lab import OracleDenoiser
+from tinydiff.lab_eval import heldout_gap, lab_metrics, lab_of, lab_table
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import sync
 
@@ -88,6 +97,9 @@ parser.add_argument("--data", default=None, help="data source for the held-out t
 parser.add_argument("--framing", default=None, choices=FRAMINGS,
                     help="held-out windows for val PPL: none, or bos_eos = [BOS] + L-2 tokens + [EOS] as MDLM/SDTT "
                          "trained (default: the checkpoint's; a published MDLM/SDTT DiT records bos_eos)")
+parser.add_argument("--oracle", action="store_true",
+                    help="lab data only: sample with the lab's exact denoiser instead of the checkpoint's network")
+parser.add_argument("--lab_draws", type=int, default=2048, help="lab: windows drawn to estimate the entropy H")
 parser.add_argument("--no_ema", action="store_true", help="use raw weights instead of the EMA (model and judge)")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (network; draws float64, judge float32)")
@@ -109,9 +121,9 @@ def main():
     autocast = autocast_ctx(device, dtype)
     print(f"device {device} ({why}) | network dtype {dtype} | sampling draws float64 | judge float32")
     ckpt = load_checkpoint(args.ckpt)
-    kind, tok = ckpt["kind"], get_tokenizer(ckpt["tokenizer"]["name"])
+    kind, tok = "mdlm" if args.oracle else ckpt["kind"], get_tokenizer(ckpt["tokenizer"]["name"])
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
-    context, mask_id = model.cfg.seq_len, ckpt.get("mask_id")
+    context, mask_id = model.cfg.seq_len, tok.vocab_size if args.oracle else ckpt.get("mask_id")
     L = args.gen_len or context
     if kind == "ar":  # one AR sampler: it takes the common knobs only
         sampler, knobs = "ar", knobs_from_args("ancestral", args)  # ancestral's knobs: the common ones
@@ -152,12 +164,18 @@ def main():
 
     # ------------------------------------------------------------------ held-out data and val PPL
     data_dir = checkpoint_data(ckpt, args.data, what=args.ckpt)  # the folder it was trained on, unless --data
+    lab = lab_of(data_dir)  # the exact lab, or None
+    if args.oracle:
+        if lab is None:
+            raise UserError(f"--oracle needs a checkpoint trained on the lab (--data lab); {data_dir} is not the lab")
+        model = OracleDenoiser(lab)
+        print(f"ORACLE: sampling with the exact denoiser of {load_meta(data_dir)['source']}, not the network")
     record = {"ckpt": args.ckpt, "kind": kind, "tokenizer": tok.name, "data_dir": str(data_dir), "ema": not args.no_ema,
               "judge": args.judge, "judge_tokenizer": judge_tok.name if judge_tok else None, "retokenized": retok,
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,
               "seed": args.seed, "num_samples": args.num_samples, "gen_len": L, "batch_size": args.batch_size,
               "steps": steps_list if kind == "mdlm" else None, "val_ppl": None,
-              "sampler": sampler, "sampler_knobs": knobs}
+              "sampler": sampler, "sampler_knobs": knobs, "oracle": args.oracle}
     framing = args.framing or ckpt.get("framing", "none")  # how the model's training windows were framed
     record["val_framing"] = framing
     if args.val_tokens > 0:
@@ -174,6 +192,11 @@ def main():
         record.update(val_loss=vm["val_loss"], val_loss_se=vm["val_loss_se"], val_ppl=vm["val_ppl"],
                       val_scored_tokens=n_scored,
                       val_draws=args.val_draws if kind == "mdlm" else None, val_ppl_judge=None)
+        if lab is not None:  # paired per window against the true NLL of the same tokens (own t draws)
+            g = record["val_lab"] = heldout_gap(model, kind, lab, val_x.to(device), mask_id, args.val_draws,
+                                                args.seed, args.batch_size, autocast)
+            print(f"val (lab): model {g['model']:.4f} - true NLL of the same tokens {g['true']:.4f} = gap "
+                  f"{g['gap']:+.4f} ± {g['gap_se']:.4f} nats/token ({g['windows']} windows)")
         if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
             jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens, framing)
             record["val_ppl_judge"] = val_metrics(judge, "ar", jx.to(device), batch_size=args.batch_size)["val_ppl"]
@@ -205,8 +228,10 @@ def main():
             b = min(args.batch_size, args.num_samples - start)
             if kind == "mdlm":
                 x, nfe = sample(sampler, net, (b, L), steps, mask_id, gen, context, device, **knobs)  # (b, L)
-            else:  # start from end-of-text, L + 1 tokens in all, drop the start token
+            else:  # start from end-of-text (lab: a stationary token), L + 1 tokens in all, drop the start token
                 prompt = torch.full((b, 1), tok.eot_id, dtype=torch.long, device=device)
+                if lab is not None:  # the lab: one token from the stationary law, so a perfect model gives exact windows
+                    prompt = lab.sample(b, 1, torch.Generator().manual_seed(args.seed + start)).to(device)
                 x, nfe = ar_sample(net, b, L + 1, prompt, gen, **knobs, cache=model.new_cache(b, L + 1, cache_dtype))
                 x = x[:, 1:]  # (b, L)
             rows.append(x)
@@ -214,9 +239,10 @@ def main():
         sync(device)
         return torch.cat(rows), sum(nfes) / len(nfes), time.time() - t0
 
-    table = []
+    table, samples_by_row = [], []
     for steps in (steps_list if kind == "mdlm" else [None]):
         x, nfe, seconds = generate(steps)
+        samples_by_row.append(x)
         m = metrics(x)
         label = str(steps) if kind == "mdlm" else "ar"
         table.append({"row": label, "steps": steps if kind == "mdlm" else L, "nfe": nfe, "seconds": seconds,
@@ -225,6 +251,12 @@ def main():
     real = heldout_windows(data_dir, "mdlm", L, args.num_samples * L)[0][:args.num_samples].to(device)  # (n', L)
     table.append({"row": "real", "steps": None, "nfe": None, "seconds": None, "tokens_per_sec": None,
                   **metrics(real), "num_samples": len(real)})
+
+    lab_H = None
+    if lab is not None:  # exact figures per row, against the entropy of L-windows
+        lab_H = lab.entropy(L, args.lab_draws, args.seed)
+        for r, x_r in zip(table, samples_by_row + [real]):
+            r.update(lab_metrics(lab, x_r))
 
     # ------------------------------------------------------------------ LAMBADA
     lam = None
@@ -259,6 +291,8 @@ def main():
         print(f"val PPL {record['val_ppl']:.3f}" + (" (bound)" if kind == "mdlm" else " (exact)")
               + f" [windows: framing {framing}]"
               + (f" | judge val PPL {record['val_ppl_judge']:.3f}" if record.get("val_ppl_judge") else ""))
+    if lab_H is not None:
+        print(lab_table(table, lab_H))
     if lam:
         what = "exact" if kind == "ar" else "NELBO bound"
         print(f"LAMBADA acc {lam['acc']:.4f} | per-word NLL {lam['nll']:.3f} nats ({what}) | n {lam['n']} "
@@ -270,7 +304,7 @@ def main():
                   nfe={r["row"]: r["nfe"] for r in table}, seconds={r["row"]: r["seconds"] for r in table},
                   lambada_acc=lam and lam["acc"], lambada_nll=lam and lam["nll"], lambada_ppl=lam and lam["ppl"],
                   lambada_n=lam and lam["n"], lambada_truncated=lam and lam["truncated"], lambada_file=args.lambada,
-                  lambada_framing=lam and lam["framing"],
+                  lambada_framing=lam and lam["framing"], lab_H=lab_H,
                   lambada_limit=args.limit, lambada_draws=args.lambada_draws if lam and kind == "mdlm" else None)
     emit(record)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
+from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, resume_args, train
@@ -63,6 +63,7 @@ def main():
 
     # data: prepared once under data/<source>-<tokenizer>-<key>/ (keyed by content); a resumed run reads the
     # folder it was trained on, even when the source was edited since
+    args.tokenizer = args.tokenizer or default_tokenizer(args.data)  # bytes; the lab has its own
     data_dir = checkpoint_data(resume) if resume is not None else prepare(args.data, args.tokenizer)
     tok = get_tokenizer(args.tokenizer)
 

@@ -21,7 +21,10 @@ killed prepares are removed by the next prepare on the same machine).
 Sources (tinydiff/sources.py): 'stdlib' (the running interpreter's standard library, the default
 offline corpus), 'shakespeare' (tiny shakespeare, downloaded once), a path to a text file or a folder
 of them, and the Hugging Face datasets 'owt' (OpenWebText, the MDLM/SDTT corpus) and 'tinystories'
-(`pip install datasets`; downloaded once into its cache). prepare_documents() takes any documents
+(`pip install datasets`; downloaded once into its cache), and 'lab' / 'lab:W=256,delta=0.02,...' (the exact
+synthetic language of tinydiff/lab.py, with its own `labA` tokenizer: each split is ONE stationary chain
+written as it is, with no separators added, so every window is an exact sample of the lab's law; meta.json
+records the parameters). prepare_documents() takes any documents
 (a datasets.Dataset with a "text" column, a list of dicts or of strings) for a corpus of your own.
 Tokenisation runs in a multiprocessing Pool for large corpora (OpenWebText: 8M documents, ~9B tokens)
 and streams to disk, so the text never sits in memory all at once.
@@ -33,6 +36,7 @@ import os
 import shutil
 import socket
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ from tqdm import tqdm
 
 from .common import DataError, commit_files, pid_alive
 from .dist import rank0_first
+from .lab import LETTERS, Lab, parse_spec
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
 
@@ -107,13 +112,44 @@ class GPT2Tokenizer(Tokenizer):
         return self.enc.decode_bytes(ids)
 
 
+class LabTokenizer(Tokenizer):
+    """The exact lab's symbols (tinydiff/lab.py): 'labA' = the letters LETTERS[:A] (ids 0..A-1), the space
+    (A) and the sentence end (A+1, the eot id, shown as a newline)."""
+
+    def __init__(self, A):
+        self.name, self.vocab_size, self.eot_id, self.chars = f"lab{A}", A + 2, A + 1, LETTERS[:A] + " "
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text):
+        return [self.ids.get(c, self.eot_id) for c in text]  # anything else (newlines) ends a sentence
+
+    def _bytes(self, ids):
+        return "".join(self.chars[i] for i in ids).encode()
+
+
 TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer}
 
 
 def get_tokenizer(name="bytes"):
+    if name.startswith("lab") and name[3:].isdigit() and 1 <= int(name[3:]) <= len(LETTERS):
+        return LabTokenizer(int(name[3:]))
     if name not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+        raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (or labA for the lab)")
     return TOKENIZERS[name]()
+
+
+def _lab_params(source):
+    """LabParams of a lab source ('lab', 'lab:W=...'), None for any other source; a bad spec is a DataError."""
+    try:
+        return parse_spec(source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def default_tokenizer(source):
+    """The tokenizer a source gets when none is asked for: the lab its own, every other source bytes."""
+    params = _lab_params(source)
+    return "bytes" if params is None else f"lab{params.A}"
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -283,6 +319,8 @@ def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None)
 
 def _prepare(source, tokenizer_name, root, num_proc):
     tok = _get_tokenizer(tokenizer_name)
+    if _lab_params(source) is not None:
+        return _prepare_lab(source, tok, root)
     if source in HF_SOURCES:
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading
         # the dataset (OpenWebText's ~40 GB) again
@@ -336,6 +374,31 @@ def _is_complete(out):
                 and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _prepare_lab(source, tok, root):
+    """The exact lab: train.bin / val.bin are each one stationary chain of the lab's law (no eot added:
+    the eot id is the language's own sentence end), so every window of them is an exact sample."""
+    params = _lab_params(source)
+    if tok.name != default_tokenizer(source):
+        raise DataError(f"the lab is written in its own tokenizer {default_tokenizer(source)}, not {tok.name}: "
+                        f"drop --tokenizer (or pass --tokenizer {default_tokenizer(source)})")
+    spec = params.spec()  # the law and the split sizes: the data are a deterministic function of it
+    meta = _meta(tok, spec, hashlib.sha256(spec.encode()).hexdigest())
+    out = _folder(root, "lab", tok, meta)
+    if _is_prepared(out, meta):
+        return out
+    lab = Lab(params)
+    splits = {split: lab.stream(n, np.random.default_rng([params.seed, 2, k])).tobytes()  # own seeds per split
+              for k, (split, n) in enumerate([("train", params.train_tokens), ("val", params.val_tokens)])}
+    meta.update(train_tokens=params.train_tokens, val_tokens=params.val_tokens, n_documents=2, n_train_documents=1,
+                n_val_documents=1, lab=asdict(params), lab_states=lab.S)
+    out.mkdir(parents=True, exist_ok=True)
+    commit_files({out / "train.bin": splits["train"], out / "val.bin": splits["val"],
+                  out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: commit marker
+    print(f"prepared {out}: the exact lab {spec} ({lab.S} hidden states), {params.train_tokens:,} train / "
+          f"{params.val_tokens:,} val tokens")
+    return out
 
 
 def load_meta(data_dir):

@@ -21,6 +21,7 @@ checkpoint stays intact). --ckpt_minutes N also writes ckpt.pt every N minutes. 
 Resume (--resume): the run continues as it was started. Every flag takes the checkpoint's value;
 a flag given on the command line must equal it, except the ones in RESUMABLE (resume_args).
 """
+import argparse
 import contextlib
 import math
 import signal
@@ -36,6 +37,7 @@ from .common import EMA, UserError, save_checkpoint, write_error
 from .data import FRAMINGS, get_batch
 from .model import DROPOUT_SITES
 from .diffusion import data_parallel_noise
+from .lab import canonical_source
 from .samplers import sampler_flags
 
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
@@ -54,8 +56,11 @@ NOT_COMPARED = ("resume", "overwrite", "out_dir")  # where and how the run is co
 
 def add_run_args(p):
     """Flags shared by every training script (one vocabulary across train.py and distill.py)."""
-    p.add_argument("--data", default="stdlib", help="stdlib (offline default), shakespeare, or a text file/folder")
-    p.add_argument("--tokenizer", default="bytes", help="bytes (default, 257 ids) or gpt2 (tiktoken)")
+    p.add_argument("--data", default="stdlib", type=data_source,
+                   help="stdlib (offline default), shakespeare, a text file/folder, or lab / lab:W=256,delta=0.02,... "
+                        "(the exact synthetic language, docs/lab.md)")
+    p.add_argument("--tokenizer", default=None,
+                   help="bytes (default, 257 ids) or gpt2 (tiktoken); --data lab has its own (labA, its letters + 2)")
     p.add_argument("--out_dir", default="out", help="where ckpt.pt is written")
     p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
@@ -134,6 +139,14 @@ class StopSignals:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def data_source(value):
+    """--data: a lab spec is written out in full (every parameter), so checkpoints record the lab exactly."""
+    try:
+        return canonical_source(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def make_optimizer(model, lr, weight_decay, device):
