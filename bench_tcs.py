@@ -20,7 +20,7 @@ import torch
 
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, model_from_checkpoint, pick_device
-from tinydiff.data import val_windows
+from tinydiff.data import checkpoint_data, val_windows
 from tinydiff.tcs import tcs_targets, to_dense
 from tinydiff.timing import sync
 
@@ -89,7 +89,8 @@ def main():
         raise UserError(f"--seq_len {args.seq_len} is longer than the teacher's context {ckpt['config']['seq_len']}")
     teacher = model_from_checkpoint(ckpt, device).requires_grad_(False)
     bos = ckpt["tokenizer"]["eot_id"]  # the eot token as BOS prefix (see tinydiff/tcs.py)
-    x = val_windows(args.data_dir or ckpt["data_dir"], args.seq_len, args.n_seq * args.seq_len).to(device)  # (N, L)
+    data_dir = args.data_dir or checkpoint_data(ckpt, what=f"the teacher {args.teacher}")  # as it was trained on
+    x = val_windows(data_dir, args.seq_len, args.n_seq * args.seq_len).to(device)  # (N, L)
     V = teacher.cfg.vocab_size
     print(f"teacher {args.teacher}: {teacher.num_params() / 1e6:.2f}M params, |V| = {V}; {len(x)} held-out windows "
           f"of {args.seq_len} tokens on {device} ({torch.get_num_threads()} threads)")
