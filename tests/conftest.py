@@ -22,7 +22,7 @@ def gpt2_or_skip():
     try:
         return get_tokenizer("gpt2")
     except Exception as e:  # DataError: tiktoken missing or no cached vocabulary offline
-        pytest.skip(f"gpt2 tokenizer unavailable here: {e}")
+        pytest.skip(f"GPT-2 vocabulary not available here ({type(e).__name__}; offline: set TIKTOKEN_CACHE_DIR)")
 
 
 def pytest_configure(config):
