@@ -20,6 +20,9 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
         --rounds 7 --iters_per_round 10000 --teacher_steps 1024 --batch_size 128 --lr 6e-5 \
         --warmup 500 --ema 0.9999 --eval_interval 10000 --ckpt_interval 1000
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
+On the exact lab (docs/lab.md), --teacher lab-oracle makes the lab's exact denoiser the teacher of every
+round (the student starts from --init, an MDLM trained on the lab): SDTT against a perfect teacher.
+    python distill.py --method sdtt --teacher lab-oracle --init runs/lab/mdlm/ckpt.pt --teacher_ema ...
 
 --method tcs (Target Concrete Score distillation from an AR teacher; design.md §7) lives in
 tinydiff/tcs.py; its flags are listed by --help.
@@ -35,6 +38,8 @@ from tinydiff.common import UserError, emit, load_checkpoint, make_generator, mo
 from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.evaluate import heldout_windows, val_metrics
+from tinydiff.lab import OracleDenoiser
+from tinydiff.lab_eval import lab_of
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
@@ -43,10 +48,12 @@ from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sampl
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import add_tcs_args, build_tcs
 
+ORACLE = "lab-oracle"  # --teacher: the exact denoiser of the lab the student was trained on
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"], help="sdtt (MDLM teacher) or tcs (AR teacher)")
 parser.add_argument("--teacher", default=None,
-                    help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py")
+                    help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py; sdtt on the lab "
+                         f"(docs/lab.md): {ORACLE} = the lab's exact denoiser, the student from --init")
 # SDTT
 parser.add_argument("--teacher_ema", action="store_true",
                     help="sdtt: start the student (and first teacher) from the teacher's EMA weights, "
@@ -95,11 +102,16 @@ def main():
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
 
-    # teacher checkpoint -> tokenizer and data (its own by default; --data overrides)
-    tckpt = load_checkpoint(args.teacher)
+    # teacher checkpoint -> tokenizer and data (its own by default; --data overrides). The oracle teacher has
+    # none: the student's checkpoint (--init) gives them, and the teacher is the exact denoiser of its lab
+    oracle = args.method == "sdtt" and args.teacher == ORACLE
+    if oracle and args.init == "scratch":
+        raise UserError(f"--teacher {ORACLE} needs --init CKPT: the MDLM trained on the lab that the student starts from")
+    tckpt = load_checkpoint(args.init if oracle else args.teacher)
     want, name = ("mdlm", "an MDLM") if args.method == "sdtt" else ("ar", "an AR")
     if tckpt["kind"] != want:
-        raise UserError(f"--teacher {args.teacher} is a {tckpt['kind']} checkpoint; --method {args.method} needs "
+        raise UserError(f"--{'init' if oracle else 'teacher'} {args.init if oracle else args.teacher} is a "
+                        f"{tckpt['kind']} checkpoint; --method {args.method} needs "
                         f"{name} teacher (train.py --model {want})")
     tok = get_tokenizer(tckpt["tokenizer"]["name"])
     if args.tokenizer not in (None, tok.name):
@@ -140,14 +152,21 @@ def main():
         # (continue with --resume --max_iters R*N: a resumed run keeps the --max_iters it was given)
         if args.max_iters > R * N:
             raise UserError(f"--max_iters {args.max_iters} is beyond rounds x iters_per_round = {R * N}")
-        # the teacher: frozen, eval mode (no dropout), weights replaced at each round boundary
-        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        # the teacher: frozen, eval mode (no dropout), weights replaced at each round boundary. The oracle is
+        # exact at every K, so it stays the teacher in every round (round r: its two steps of size 1/K_r)
+        if oracle:
+            lab = lab_of(data_dir)
+            if lab is None:
+                raise UserError(f"--teacher {ORACLE} needs a student trained on the lab (--data lab); {data_dir} is not")
+            teacher = OracleDenoiser(lab)
+        else:
+            teacher = copy.deepcopy(student).eval().requires_grad_(False)
         it0 = 0
         if resume is not None:  # (resume_args: the same rounds, iters_per_round and teacher_steps)
             teacher.load_state_dict(resume["extra"]["teacher"])
             it0 = resume["iter"]
         cur = {"teacher_steps": K0 // 2 ** (it0 // N)}  # K of the round in progress
-        teacher_fwd = torch.compile(teacher) if use_compile else teacher
+        teacher_fwd = torch.compile(teacher) if use_compile and not oracle else teacher
 
         def loss_fn(fwd, x, gen):
             loss, _, _ = sdtt_loss(fwd, teacher_fwd, x, cur["teacher_steps"], args.n_teacher_steps, mask_id, schedule,
@@ -164,7 +183,8 @@ def main():
                 tqdm.write(f"round {r}/{R} done: student samples with {meta['sample_steps']} steps -> "
                            f"{args.out_dir}/round{r}.pt")
                 if r < R:
-                    teacher.load_state_dict(student.state_dict())  # the raw (non-EMA) student, as in the paper
+                    if not oracle:
+                        teacher.load_state_dict(student.state_dict())  # the raw (non-EMA) student, as in the paper
                     cur["teacher_steps"] //= 2
             # in every ckpt.pt: what a mid-round resume needs (the round is it // N)
             return {"round": it // N, "teacher_steps": cur["teacher_steps"], "teacher": teacher.state_dict()}
@@ -173,7 +193,8 @@ def main():
         meta["sample_steps"] = K0 // 2 ** (it0 // N)  # before round 1 ends the student is still the teacher
         print(f"SDTT: {R} rounds x {N} steps, teacher steps {K0} -> student {K0 // 2 ** R}, "
               f"{args.n_teacher_steps} teacher steps per target, loss {args.loss}, "
-              f"student from the teacher's {'EMA' if args.teacher_ema else 'raw'} weights")
+              f"student from the {'--init' if oracle else 'teacher'}'s {'EMA' if args.teacher_ema else 'raw'} weights"
+              + (f"; teacher: the lab's EXACT denoiser in every round" if oracle else ""))
     else:
         # ------------------------------------------------------------------ TCS: plugged in from tinydiff/tcs.py
         args.seq_len = args.seq_len or tckpt["config"]["seq_len"]

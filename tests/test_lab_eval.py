@@ -145,6 +145,18 @@ def test_scripts_on_the_lab(tmp_path):
     p = run(os.path.join(ROOT, "eval.py"), "--ckpt", "ar/ckpt.pt", *common, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "ce" in json.loads(p.stdout.strip().splitlines()[-1])["rows"][0]
+    # SDTT with the lab's exact denoiser as the teacher of every round, the student from the MDLM
+    sdtt = ["--method", "sdtt", "--rounds", "2", "--iters_per_round", "2", "--teacher_steps", "8", "--batch_size",
+            "2", "--eval_tokens", "64", "--warmup", "1", "--device", "cpu"]
+    p = run(os.path.join(ROOT, "distill.py"), "--teacher", "lab-oracle", "--init", "mdlm/ckpt.pt", "--teacher_ema",
+            *sdtt, "--out_dir", "sdtt", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "EXACT denoiser" in p.stdout and json.loads(p.stdout.strip().splitlines()[-1])["sample_steps"] == 2
+    final = torch.load(tmp_path / "sdtt" / "ckpt.pt", weights_only=False)
+    assert final["extra"]["teacher"] == {} and final["args"]["teacher"] == "lab-oracle"  # never replaced by the student
+    assert torch.load(tmp_path / "sdtt" / "round1.pt", weights_only=False)["sample_steps"] == 4
+    p = run(os.path.join(ROOT, "distill.py"), "--teacher", "lab-oracle", *sdtt, "--out_dir", "x", cwd=tmp_path)
+    assert p.returncode == 2 and "needs --init CKPT" in p.stderr.strip().splitlines()[-1]
     # bad input: one clear line
     p = run(os.path.join(ROOT, "train.py"), "--data", "lab:nope=1", cwd=tmp_path)
     assert p.returncode == 2 and "unknown lab parameter 'nope'" in p.stderr
