@@ -33,7 +33,7 @@ from tqdm import tqdm
 from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
 from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
-from tinydiff.diffusion import LogLinearSchedule
+from tinydiff.diffusion import get_schedule, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
@@ -116,7 +116,6 @@ def main():
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.name})")
     args.data = args.data or tckpt["args"]["data"]
 
-    schedule = LogLinearSchedule()
     meta = {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher,
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "mask_id": tok.vocab_size}
@@ -128,6 +127,7 @@ def main():
             tckpt["config"] = dict(tckpt["config"], dropout_sites=args.dropout_sites)
         student = model_from_checkpoint(tckpt, device, use_ema=args.teacher_ema).train()
         cfg, mask_id = student.cfg, tckpt["mask_id"]
+        schedule = get_schedule(tckpt.get("schedule"))  # the teacher's alpha_t: its steps, the student's loss
         args.seq_len = args.seq_len or cfg.seq_len
         K0, N, R = args.teacher_steps or args.seq_len, args.iters_per_round, args.rounds
         args.teacher_steps = K0
@@ -186,11 +186,13 @@ def main():
                 c[k] = getattr(args, k) or c[k]
             check_shape(c["n_embd"], c["n_head"])
             student = Transformer(ModelConfig(**c)).to(device)
+            schedule = get_schedule()  # log-linear
         else:
             ickpt = load_checkpoint(init)
             if ickpt["kind"] != "mdlm" or ickpt["tokenizer"]["name"] != tok.name:
                 raise UserError(f"--init {init} must be an MDLM checkpoint with the teacher's tokenizer ({tok.name})")
             student = model_from_checkpoint(ickpt, device, use_ema=True).train()
+            schedule = get_schedule(ickpt.get("schedule"))  # the MDLM's own
         cfg, mask_id = student.cfg, tok.vocab_size
         meta["sample_steps"] = args.seq_len
 
@@ -204,11 +206,12 @@ def main():
     # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
     args.framing = args.framing or tckpt.get("framing", "none")
     meta["framing"] = args.framing
+    meta["schedule"] = schedule_spec(schedule)
     val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens,  # (N, L) same as train.py
                             args.framing)[0].to(device)
 
     def evaluate(m):  # the data-only NELBO bound of the student (SDTT students drift from it: expected)
-        return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
+        return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast, schedule)
 
     meta.update(config=cfg.to_dict(), args=vars(args))
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
@@ -219,7 +222,7 @@ def main():
         run["get_batch"] = framed_batches(tok.eot_id)
         print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
-        loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
+        loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run, schedule)
         hooks += list(tcs_hooks)
         meta.update(meta_extra)
     summary = train(student, loss_fn, evaluate, args, run, meta, resume, hooks)
@@ -228,7 +231,7 @@ def main():
     final = load_checkpoint(f"{args.out_dir}/ckpt.pt")
     gen = make_generator(args.seed, device)
     x, nfe = sample(args.sampler, model_from_checkpoint(final, device), (1, args.seq_len), final["sample_steps"],
-                    mask_id, gen, cfg.seq_len, device, **knobs)
+                    mask_id, gen, cfg.seq_len, device, schedule, **knobs)
     print("-" * 16 + f" sample: {describe(args.sampler, knobs)}, {final['sample_steps']} steps, NFE {nfe} " + "-" * 16)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
 from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_tokenizer, load_meta, prepare
-from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
+from tinydiff.diffusion import SCHEDULES, get_schedule, nelbo_loss, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
@@ -33,6 +33,9 @@ parser.add_argument("--n_head", type=int, default=4, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=128, help="model width")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout (MDLM on OWT: 0.1)")
 parser.add_argument("--tie_embeddings", action="store_true", help="share input embedding and output head")
+parser.add_argument("--schedule", default="loglinear", choices=list(SCHEDULES),
+                    help="MDLM noise schedule alpha_t (docs/mdlm.md §2): loglinear (MDLM's) or cosine; recorded in "
+                         "the checkpoint, which every later script follows")
 parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
@@ -56,6 +59,9 @@ def main():
             raise UserError(f"{args.out_dir}/ckpt.pt was written by distill.py --method {resume['method']}: "
                             f"resume it with distill.py, or use another --out_dir")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")
+        if args.model == "mdlm" and get_schedule(resume.get("schedule")).name != args.schedule:  # an older checkpoint
+            raise UserError(f"--schedule {args.schedule} contradicts {args.out_dir}/ckpt.pt (the "
+                            f"{get_schedule(resume.get('schedule')).name} schedule): drop the flag")
     sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
     knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
     device, dtype, use_compile, autocast = setup_runtime(args)
@@ -96,7 +102,7 @@ def main():
           f"context {cfg.seq_len}, {model.estimate_flops_per_token(args.seq_len) / 1e6:.1f} MFLOP/token (train)")
 
     # loss and held-out evaluation (the same fixed windows at every eval)
-    schedule = LogLinearSchedule()
+    schedule = get_schedule(args.schedule)  # alpha_t and w(t) (tinydiff/diffusion.py); on --resume the checkpoint's
     if args.model == "mdlm":
         def loss_fn(fwd, x, gen):
             return nelbo_loss(fwd, x, schedule, mask_id, gen)[0], {}
@@ -110,12 +116,13 @@ def main():
     # (AR and MDLM score exactly the same held-out tokens: see heldout_windows)
 
     def evaluate(m):
-        return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
+        return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast, schedule)
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
-            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing}
+            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing,
+            "schedule": schedule_spec(schedule) if args.model == "mdlm" else None}
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
     if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
         run["get_batch"] = framed_batches(tok.eot_id)
@@ -127,7 +134,7 @@ def main():
     gen = make_generator(args.seed, device)
     if args.model == "mdlm":
         x, nfe = sample(sampler, sampler_model, (1, args.seq_len), args.seq_len, mask_id, gen, cfg.seq_len, device,
-                        **knobs)
+                        schedule, **knobs)
     else:
         x, nfe = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), gen, **knobs)
         x = x[:, 1:]

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 class LogLinearSchedule:
     """alpha_t = 1 - (1 - eps) t: a token is masked with probability (1 - eps) t ~ t (MDLM's choice).
 
-    The NELBO weight -alpha'_t / (1 - alpha_t) = (1 - eps) / ((1 - eps) t) = 1/t exactly. Another
-    schedule only needs alpha(t) and weight(t).
+    The NELBO weight -alpha'_t / (1 - alpha_t) = (1 - eps) / ((1 - eps) t) = 1/t exactly.
     """
     name = "loglinear"
 
@@ -32,6 +31,55 @@ class LogLinearSchedule:
 
     def weight(self, t):
         return 1 / t
+
+
+class CosineSchedule:
+    """alpha_t = eps + (1 - eps) cos(pi t / 2): few masks at small t, most of the change late; MDLM's `cosine`
+    noise (Sahoo et al. 2024; there alpha_t = exp(-sigma(t)), sigma(t) = -log(eps + (1 - eps) cos(pi t / 2))).
+
+    The NELBO weight -alpha'_t / (1 - alpha_t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) = (pi/2) / tan(pi t/4),
+    ~ 2/t at small t. With the exact denoiser the bound equals the log-linear one (the change of variable
+    u = 1 - alpha_t turns either integral of MDLM eq. 10 into the same one), so it is a choice of where
+    training spends its samples of t, not of what is estimated.
+    """
+    name = "cosine"
+
+    def __init__(self, eps=1e-3):
+        self.eps = eps
+
+    def alpha(self, t):
+        return self.eps + (1 - self.eps) * torch.cos(math.pi / 2 * t)
+
+    def weight(self, t):
+        return (math.pi / 2) / torch.tan(math.pi / 4 * t)
+
+
+# The noise schedules by name (docs/mdlm.md §2). A schedule is an object with alpha(t) (the probability that
+# a token is still clean at time t, alpha_0 = 1) and weight(t) = -alpha'_t / (1 - alpha_t) (the NELBO's, MDLM
+# eq. 10), elementwise on tensors of t; its name and parameters are recorded in every checkpoint
+# ("schedule": schedule_spec) and every script and module that needs alpha or w takes the checkpoint's
+# (get_schedule). Adding one: a class here and its entry below; --schedule and everything else follow.
+SCHEDULES = {s.name: s for s in (LogLinearSchedule, CosineSchedule)}
+
+
+def schedule_spec(schedule):
+    """What a checkpoint records: {"name": ..., "eps": ...} (the constructor's parameters)."""
+    return {"name": schedule.name, **vars(schedule)}
+
+
+def get_schedule(spec=None):
+    """The schedule a checkpoint's "schedule" field describes (schedule_spec), a registered name, or a schedule
+    object (returned as it is). None, a checkpoint written before the field existed, is the log-linear one."""
+    if spec is None:
+        return LogLinearSchedule()
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        return spec  # already a schedule
+    params = {k: v for k, v in spec.items() if k != "name"}
+    if spec.get("name") not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {spec.get('name')!r}: choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[spec["name"]](**params)
 
 
 _DATA_PARALLEL = None  # (generator, rank, world) inside data_parallel_noise()

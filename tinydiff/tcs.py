@@ -43,7 +43,7 @@ import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
 from .data import DataError, _open_split, windows_at
-from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
+from .diffusion import forward_mask, get_schedule, masked_log_probs, sample_times
 from .model import Transformer
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
@@ -227,9 +227,9 @@ def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     tcs   = w(t) [z_i = m] sum_v pi_i(v) (-log p_theta(v | z_t))      (soft-target cross-entropy),
     mixed = (1 - lam) nelbo + lam tcs. The targets never put mass on the student's [MASK] id (it is
     not a teacher token), whose log-prob is -inf under SUBS."""
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)
     logp_s = masked_log_probs(logits, mask_id)  # (B, L, V+1), -inf at the mask id
-    w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): 1/t at masked positions, else 0
+    w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): w(t) (log-linear: 1/t) at masked positions, else 0
     nelbo = w * -logp_s.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
     tcs = w * -(logp.exp().to(logp_s.dtype) * logp_s.gather(-1, ids)).sum(-1)  # (B, L)
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
@@ -239,7 +239,7 @@ def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, e
     """The training loss on a clean batch x (B, L) with its targets: draws t and z_t exactly as
     diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM).
     Returns (loss per token, logs) where logs hold the data-only NELBO and the TCS term."""
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)
     t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
     z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
     mixed, nelbo, tcs = tcs_terms(model(z), x, z, t, ids, logp, mask_id, lam, schedule)
@@ -365,7 +365,7 @@ def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher
                         f"--tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer {tokenizer_name}")
 
 
-def build_tcs(args, student, device, run):
+def build_tcs(args, student, device, run, schedule=None):
     """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
     Sets run["get_batch"] = grid_batch so a loop that honours it draws chunk-aligned windows."""
     mask_id = student.cfg.vocab_size - 1
@@ -386,7 +386,7 @@ def build_tcs(args, student, device, run):
 
     def loss_fn(fwd, x, gen):
         ids, logp = cache(x)  # (B, L, K') each, no gradient
-        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, gen)
+        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, gen, schedule)
 
     def cache_hook(it, state):
         return {"tcs_cache": cache.stats()} if isinstance(cache, TargetCache) else None
