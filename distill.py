@@ -149,9 +149,9 @@ def main():
         cur = {"teacher_steps": K0 // 2 ** (it0 // N)}  # K of the round in progress
         teacher_fwd = torch.compile(teacher) if use_compile else teacher
 
-        def loss_fn(fwd, x, gen):
+        def loss_fn(fwd, x, noise):  # noise: the step's draws (loop.Noise; rank, world: DDP)
             loss, _, _ = sdtt_loss(fwd, teacher_fwd, x, cur["teacher_steps"], args.n_teacher_steps, mask_id, schedule,
-                                   gen, args.loss)
+                                   noise.gen, args.loss, rank=noise.rank, world=noise.world, teacher_generator=noise.own)
             return loss, {}
 
         def round_hook(it, state):

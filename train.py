@@ -104,10 +104,10 @@ def main():
     # loss and held-out evaluation (the same fixed windows at every eval)
     schedule = get_schedule(args.schedule)  # alpha_t and w(t) (tinydiff/diffusion.py); on --resume the checkpoint's
     if args.model == "mdlm":
-        def loss_fn(fwd, x, gen):
-            return nelbo_loss(fwd, x, schedule, mask_id, gen)[0], {}
+        def loss_fn(fwd, x, noise):  # noise: the step's draws (loop.Noise; rank, world: DDP)
+            return nelbo_loss(fwd, x, schedule, mask_id, noise.gen, rank=noise.rank, world=noise.world)[0], {}
     else:
-        def loss_fn(fwd, x, gen):
+        def loss_fn(fwd, x, noise):
             logits = fwd(x[:, :-1])  # (B, L, V)
             return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), {}
     window = val_window_len(args.model, args.seq_len)

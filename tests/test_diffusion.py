@@ -80,6 +80,26 @@ def test_stratified_times_one_per_stratum(B):
     assert abs(first.mean().item() - mean) <= z_threshold(ALPHA, 3) * se
 
 
+def test_ranks_draw_their_rows_of_the_global_batch():
+    """DDP: rank r of `world` holds rows r, r + world, ... of the global batch; given (rank, world) and a generator
+    in the same state, its t and masks are exactly those rows of one process's draw for the whole batch."""
+    world, B, L, mask_id, s = 3, 4, 6, 7, LogLinearSchedule()
+    x = torch.randint(0, mask_id, (world * B, L), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    t_all = sample_times(world * B, gen)
+    z_all = forward_mask(x, t_all, s, mask_id, gen)
+    loss_all = nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x, s, mask_id, gen)[0]
+    losses = []
+    for rank in range(world):
+        gen = torch.Generator().manual_seed(0)
+        t = sample_times(B, gen, rank=rank, world=world)
+        z = forward_mask(x[rank::world], t, s, mask_id, gen, rank=rank, world=world)
+        assert torch.equal(t, t_all[rank::world]) and torch.equal(z, z_all[rank::world])
+        losses.append(nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x[rank::world], s, mask_id, gen,
+                                 rank=rank, world=world)[0])
+    assert torch.stack(losses).mean().item() == pytest.approx(loss_all.item(), rel=1e-6)  # DDP's gradient average
+
+
 def test_subs_invariants():
     gen = torch.Generator().manual_seed(0)
     B, L, V = 3, 6, 5

@@ -14,6 +14,7 @@ import torch.nn as nn
 from harness import OracleAR, Toy
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
+from tinydiff.loop import Noise
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.tcs import (TargetCache, add_tcs_args, build_tcs, check_tokenizers, grad_suffix, grid_batch,
                           rescore, tcs_loss, tcs_targets, tcs_terms, to_dense)
@@ -307,13 +308,13 @@ def test_build_tcs_end_to_end(tmp_path):
         run = {"window": 16}
         loss_fn, hooks, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
                                          student, "cpu", run)
-        loss, logs = loss_fn(student, x, torch.Generator().manual_seed(0))
+        loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(0)))
         loss.backward()
         assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"} and run["get_batch"] is grid_batch
         assert torch.isclose(loss, 0.5 * logs["nelbo"] + 0.5 * logs["tcs"])
         assert meta["tcs"]["estimator"] == est and hooks[0](1, {})["tcs_cache"]["misses"] == 4
     # lam = 0 is exactly train.py's MDLM loss on the same generator
     loss_fn, _, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0), student, "cpu", {"window": 16})
-    loss, _ = loss_fn(student, x, torch.Generator().manual_seed(5))
+    loss, _ = loss_fn(student, x, Noise(torch.Generator().manual_seed(5)))
     ref = nelbo_loss(student, x, LogLinearSchedule(), 257, torch.Generator().manual_seed(5))[0]
     assert torch.equal(loss, ref)

@@ -7,7 +7,7 @@ order and every RNG state are in the checkpoint).
 
 Multi-GPU (launched by torchrun; tinydiff/dist.py): the model is wrapped in DDP, every rank draws the
 same global batch (batch_size x world rows) and keeps its rows rank, rank + world, ...; t and the
-masks are drawn for the global batch too (diffusion.data_parallel_noise). Each rank's loss is a mean
+masks are drawn for the global batch too (Noise: rank and world go to diffusion.sample_times/forward_mask). Each rank's loss is a mean
 over its rows and DDP averages the gradients, so a step equals one process with batch_size x world.
 Gradients are synchronised on the last micro-batch only (no_sync before). Rank 0 alone logs,
 evaluates and writes checkpoints.
@@ -27,6 +27,7 @@ import math
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -36,7 +37,6 @@ from . import dist
 from .common import EMA, UserError, save_checkpoint, write_error
 from .data import FRAMINGS, get_batch
 from .model import DROPOUT_SITES
-from .diffusion import data_parallel_noise
 from .lab import canonical_source
 from .samplers import sampler_flags
 
@@ -141,6 +141,18 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+class Noise(NamedTuple):
+    """The randomness of one training step, handed to the loss: loss_fn(fwd, x, noise).
+    gen draws t and the masks: give it with rank and world to diffusion.sample_times / forward_mask (or a loss
+    that calls them). Under DDP it is in the same state on every rank, which draws for the whole global batch
+    and keeps its own rows, so the step equals one process with batch world x B. own: a loss's other draws
+    (SDTT's teacher steps): this rank's own generator under DDP, gen itself in one process."""
+    gen: torch.Generator
+    rank: int = 0
+    world: int = 1
+    own: torch.Generator = None
+
+
 def data_source(value):
     """--data: a lab spec is written out in full (every parameter), so checkpoints record the lab exactly."""
     try:
@@ -184,8 +196,9 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     """Run the optimisation.
 
     model: the raw (uncompiled) nn.Module being trained, on run["device"].
-    loss_fn(fwd, x, gen) -> (loss, logs): fwd is the (maybe compiled, maybe DDP) model; logs a dict of scalar
-    tensors; the loss is a mean over the rows of x (what DDP's gradient averaging assumes).
+    loss_fn(fwd, x, noise) -> (loss, logs): fwd is the (maybe compiled, maybe DDP) model; noise the step's
+    generators (Noise); logs a dict of scalar tensors; the loss is a mean over the rows of x (what DDP's
+    gradient averaging assumes).
     evaluate(model) -> dict of floats (called on the EMA model if any, else the raw one; rank 0 only).
     run: {"device", "autocast", "compile", "data_dir", "window"} (window = tokens per batch row), and
     optionally "get_batch" (same signature as data.get_batch) to draw training batches another way.
@@ -221,6 +234,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     net = DDP(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None) if ddp else model
     fwd = torch.compile(net) if run["compile"] else net
     rank_gen = torch.Generator(device=device) if ddp else None
+    noise = Noise(gens["noise"], rank, world, rank_gen if ddp else gens["noise"])
     batch_fn = run.get("get_batch", get_batch)
     last_save, saved_iter = time.time(), (resume["iter"] if resume is not None else None)
 
@@ -266,10 +280,9 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"],
                          "cpu" if ddp else device)[rank::world].to(device)  # (batch_size, window)
             sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
-            noise = data_parallel_noise(gens["noise"], rank, world) if ddp else contextlib.nullcontext()
             with sync:  # DDP all-reduces the gradients in the backward of the last micro-batch only
-                with run["autocast"](), noise:
-                    loss, logs = loss_fn(fwd, x, rank_gen if ddp else gens["noise"])
+                with run["autocast"]():
+                    loss, logs = loss_fn(fwd, x, noise)
                 (loss / args.grad_accum).backward()
             micro_logs = torch.stack([loss.detach(), *logs.values()]) / args.grad_accum  # (1 + len(logs),)
             logged = micro_logs if logged is None else logged + micro_logs

@@ -235,13 +235,13 @@ def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
-def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, eps_t=1e-3):
+def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, eps_t=1e-3, rank=0, world=1):
     """The training loss on a clean batch x (B, L) with its targets: draws t and z_t exactly as
-    diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM).
+    diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM; rank, world: DDP).
     Returns (loss per token, logs) where logs hold the data-only NELBO and the TCS term."""
     schedule = get_schedule(schedule)
-    t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
+    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
+    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
     mixed, nelbo, tcs = tcs_terms(model(z), x, z, t, ids, logp, mask_id, lam, schedule)
     n = x.numel()
     return mixed.sum() / n, {"nelbo": nelbo.detach().sum() / n, "tcs": tcs.detach().sum() / n}
@@ -384,9 +384,10 @@ def build_tcs(args, student, device, run, schedule=None):
     cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
     run["get_batch"] = grid_batch
 
-    def loss_fn(fwd, x, gen):
+    def loss_fn(fwd, x, noise):  # noise: this step's draws (loop.Noise)
         ids, logp = cache(x)  # (B, L, K') each, no gradient
-        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, gen, schedule)
+        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, noise.gen, schedule, rank=noise.rank,
+                        world=noise.world)
 
     def cache_hook(it, state):
         return {"tcs_cache": cache.stats()} if isinstance(cache, TargetCache) else None
