@@ -92,9 +92,7 @@ def load_model(path, kind, seq_len):
     """(model on device, eval, weights in the sampling dtype; mask_id; start token; noise schedule): checkpoint
     (its own schedule) or random (log-linear)."""
     if path:
-        ck = load_checkpoint(path)
-        if ck["kind"] != kind:
-            raise UserError(f"{path} is a {ck['kind']} checkpoint, expected {kind}")
+        ck = load_checkpoint(path, kind=kind)
         model, mask_id, bos = model_from_checkpoint(ck, device), ck.get("mask_id"), ck["tokenizer"]["eot_id"]
         schedule = get_schedule(ck.get("schedule"))
     else:
@@ -226,7 +224,7 @@ def quality():
     """Gen PPL and entropy against latency per sample: each checkpoint, at each step count (MDLM)."""
     if not args.judge or not args.ckpts:
         raise UserError("the quality section needs --judge JUDGE.pt and --ckpts LABEL=PATH ...")
-    jck = load_checkpoint(args.judge)
+    jck = load_checkpoint(args.judge, kind="ar", what=f"--judge {args.judge}")
     judge, judge_tok = model_from_checkpoint(jck, device), get_tokenizer(jck["tokenizer"]["name"])  # fp32 judge
     n_batches, rows = math.ceil(args.num_samples / args.sample_batch), []
     for spec in args.ckpts:

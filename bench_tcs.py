@@ -82,9 +82,7 @@ def main():
     device, _ = pick_device(args.device)
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.teacher)
-    if ckpt["kind"] != "ar":
-        raise UserError(f"--teacher {args.teacher} is a {ckpt['kind']} model: the benchmark needs an AR teacher")
+    ckpt = load_checkpoint(args.teacher, kind="ar", what=f"--teacher {args.teacher}")
     if args.seq_len > ckpt["config"]["seq_len"]:
         raise UserError(f"--seq_len {args.seq_len} is longer than the teacher's context {ckpt['config']['seq_len']}")
     teacher = model_from_checkpoint(ckpt, device).requires_grad_(False)

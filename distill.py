@@ -83,10 +83,7 @@ def main():
     claim(args.out_dir, args.resume, args.overwrite)
     resume = None
     if args.resume:
-        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume.get("method") is None:
-            raise UserError(f"{args.out_dir}/ckpt.pt was written by train.py, not distill.py: resume it with train.py, "
-                            f"or use another --out_dir")
+        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt", script="distill.py")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")  # method, teacher, data, recipe
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
@@ -96,11 +93,8 @@ def main():
     torch.manual_seed(args.seed)
 
     # teacher checkpoint -> tokenizer and data (its own by default; --data overrides)
-    tckpt = load_checkpoint(args.teacher)
-    want, name = ("mdlm", "an MDLM") if args.method == "sdtt" else ("ar", "an AR")
-    if tckpt["kind"] != want:
-        raise UserError(f"--teacher {args.teacher} is a {tckpt['kind']} checkpoint; --method {args.method} needs "
-                        f"{name} teacher (train.py --model {want})")
+    tckpt = load_checkpoint(args.teacher, kind="mdlm" if args.method == "sdtt" else "ar",
+                            what=f"--teacher {args.teacher} of --method {args.method}")
     tok = get_tokenizer(tckpt["tokenizer"]["name"])
     if args.tokenizer not in (None, tok.name):
         raise UserError(f"--tokenizer {args.tokenizer} differs from the teacher's ({tok.name}): the student shares "
@@ -188,9 +182,7 @@ def main():
             student = Transformer(ModelConfig(**c)).to(device)
             schedule = get_schedule()  # log-linear
         else:
-            ickpt = load_checkpoint(init)
-            if ickpt["kind"] != "mdlm" or ickpt["tokenizer"]["name"] != tok.name:
-                raise UserError(f"--init {init} must be an MDLM checkpoint with the teacher's tokenizer ({tok.name})")
+            ickpt = load_checkpoint(init, kind="mdlm", tokenizer=tok.name, what=f"--init {init}")  # the teacher's
             student = model_from_checkpoint(ickpt, device, use_ema=True).train()
             schedule = get_schedule(ickpt.get("schedule"))  # the MDLM's own
         cfg, mask_id = student.cfg, tok.vocab_size

@@ -146,7 +146,7 @@ def main():
     judge, judge_tok, retok = None, None, False
     if args.judge:
         try:
-            jckpt = load_checkpoint(args.judge)
+            jckpt = load_checkpoint(args.judge, kind="ar")
         except UserError as e:
             raise UserError(f"judge: {e}") from None
         mdlm_ppl = args.gen_ppl_protocol == "mdlm"  # decoding and re-encoding is part of MDLM's protocol

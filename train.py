@@ -54,10 +54,7 @@ def main():
     claim(args.out_dir, args.resume, args.overwrite)
     resume = init = None
     if args.resume:
-        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume.get("method"):
-            raise UserError(f"{args.out_dir}/ckpt.pt was written by distill.py --method {resume['method']}: "
-                            f"resume it with distill.py, or use another --out_dir")
+        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt", script="train.py")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")
         if args.model == "mdlm" and get_schedule(resume.get("schedule")).name != args.schedule:  # an older checkpoint
             raise UserError(f"--schedule {args.schedule} contradicts {args.out_dir}/ckpt.pt (the "
@@ -77,10 +74,8 @@ def main():
     if resume is not None:
         cfg = ModelConfig(**resume["config"])
     elif args.init_from:
-        init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
-        if init["kind"] != args.model or init["tokenizer"]["name"] != tok.name:
-            raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
-                            f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
+        init = load_checkpoint(args.init_from, kind=args.model, tokenizer=tok.name, what=f"--init_from {args.init_from}",
+                               fix="give the --model and --tokenizer it was trained with")  # or a published model
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
         if args.dropout_sites:  # else the checkpoint's (a converted DiT: the official residual-only sites)
             init["config"]["dropout_sites"] = args.dropout_sites

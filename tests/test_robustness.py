@@ -387,6 +387,30 @@ def test_damaged_checkpoints(tmp_path, monkeypatch, capsys):
         error_line(capsys.readouterr().err, *words)
 
 
+def test_one_loader_checks_kind_tokenizer_and_script(tmp_path):
+    """load_checkpoint(path, kind=, tokenizer=, script=): every script's checks, one UserError each, naming what
+    the checkpoint is, what was needed and the fix."""
+    from tinydiff.common import UserError, load_checkpoint
+    from tinydiff.model import ModelConfig
+    cfg = ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=32, seq_len=32).to_dict()
+    torch.save({"config": cfg, "model": {}, "kind": "mdlm", "tokenizer": {"name": "bytes"}, "method": "sdtt"},
+               tmp_path / "m.pt")
+    path = str(tmp_path / "m.pt")
+    assert load_checkpoint(path, kind="mdlm", tokenizer="bytes", script="distill.py")["kind"] == "mdlm"
+    cases = [({"kind": "ar"}, "m.pt is an MDLM with the bytes tokenizer, not an AR model: give one trained with "
+                              "train.py --model ar"),
+             ({"tokenizer": "gpt2", "what": "--init x"}, "--init x is an MDLM with the bytes tokenizer, not an MDLM "
+                                                        "with the gpt2 tokenizer: give one trained with train.py "
+                                                        "--model mdlm --tokenizer gpt2"),
+             ({"kind": "ar", "fix": "do this"}, "not an AR model: do this"),
+             ({"script": "train.py"}, "m.pt was written by distill.py --method sdtt, not train.py: resume it with "
+                                      "distill.py, or use another --out_dir")]
+    for kw, words in cases:
+        with pytest.raises(UserError) as e:
+            load_checkpoint(path, **kw)
+        assert words in str(e.value), str(e.value)
+
+
 @pytest.mark.slow
 def test_sample_steps_and_temperature_are_as_asked(tmp_path, corpus):
     """QA 21: --steps 0 silently became 32 and --temperature -1 silently meant greedy (both errors now);

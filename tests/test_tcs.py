@@ -281,6 +281,7 @@ def _tiny_ar_ckpt(path, tok="bytes", vocab=257, seq_len=16):
 def _args(teacher, **kw):
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", default="bytes")
+    p.add_argument("--teacher")  # distill.py's
     add_tcs_args(p)
     args = p.parse_args(["--teacher", str(teacher)])
     for k, v in kw.items():

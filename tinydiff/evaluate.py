@@ -103,11 +103,9 @@ def heldout_windows(data_dir, kind, seq_len, max_tokens, framing="none"):
 # ----------------------------------------------------------------------------- generative perplexity, entropy
 
 def check_judge(jckpt, tok, retokenize, path):
-    """Validate a loaded judge checkpoint against the evaluated model's tokenizer `tok`.
-    Returns True when samples must be decoded and re-encoded for the judge. Raises UserError."""
-    if jckpt["kind"] != "ar":
-        raise UserError(f"judge {path} is a {jckpt['kind']} model: the judge must be an AR checkpoint "
-                        f"(train one with train.py --model ar)")
+    """Validate a loaded judge checkpoint (an AR model: load_checkpoint(kind="ar")) against the evaluated
+    model's tokenizer `tok`. Returns True when samples must be decoded and re-encoded for the judge. Raises
+    UserError."""
     name = jckpt["tokenizer"]["name"]
     if name == tok.name:
         return False

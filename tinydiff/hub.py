@@ -49,7 +49,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .common import UserError
+from .errors import UserError
 
 GPT2_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 GPT2_TOKENIZER = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}  # tiktoken's gpt2 = HF's GPT-2 ids

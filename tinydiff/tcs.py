@@ -314,40 +314,31 @@ def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu
 
 # ----------------------------------------------------------------------------- distill.py plumbing
 
-def _add(parser, flag, **kw):
-    """Add a flag unless the script already defines it (--teacher is shared with SDTT)."""
-    if flag not in parser._option_string_actions:
-        parser.add_argument(flag, **kw)
-
-
 def add_tcs_args(parser):
-    """The flags of distill.py --method tcs."""
-    _add(parser, "--teacher", default=None, help="teacher checkpoint (TCS: an AR model from train.py --model ar)")
-    _add(parser, "--init", default="scratch",
-         help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
-              "or an MDLM checkpoint to fine-tune")
-    _add(parser, "--estimator", default="topk", choices=list(ESTIMATORS),
-         help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
-              "grad (first order), topk (exact rescoring of K candidates)")
-    _add(parser, "--topk", type=int, default=16,
-         help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
-    _add(parser, "--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
-    _add(parser, "--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
-    _add(parser, "--tcs_lambda", type=float, default=1.0,
-         help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
-    _add(parser, "--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
-    _add(parser, "--teacher_elems", type=int, default=0,
-         help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
+    """The flags of distill.py --method tcs (--teacher, shared with SDTT, is distill.py's)."""
+    add = parser.add_argument
+    add("--init", default="scratch",
+        help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
+             "or an MDLM checkpoint to fine-tune")
+    add("--estimator", default="topk", choices=list(ESTIMATORS),
+        help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
+             "grad (first order), topk (exact rescoring of K candidates)")
+    add("--topk", type=int, default=16,
+        help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
+    add("--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
+    add("--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
+    add("--tcs_lambda", type=float, default=1.0,
+        help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
+    add("--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
+    add("--teacher_elems", type=int, default=0,
+        help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
     for flag, what in (("--n_layer", "blocks"), ("--n_head", "heads"), ("--n_embd", "width")):
-        _add(parser, flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
+        add(flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
 
 
 def load_teacher(path, tokenizer_name, student_vocab, window, device):
     """Load the AR teacher (EMA weights when present), refusing anything that cannot teach this student."""
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "ar":
-        raise UserError(f"--teacher {path} is a {ckpt['kind']} model: TCS needs an AR teacher "
-                        f"(train one with train.py --model ar)")
+    ckpt = load_checkpoint(path, kind="ar", what=f"--teacher {path} of TCS")
     check_tokenizers(ckpt["tokenizer"], tokenizer_name, student_vocab, path)
     if ckpt["config"]["seq_len"] < window:
         raise UserError(f"TCS window {window} is longer than the teacher's context {ckpt['config']['seq_len']}: "
