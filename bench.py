@@ -32,12 +32,12 @@ import statistics
 import torch
 
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
-from tinydiff.common import (EMA, UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
+from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
                              pick_dtype)
 from tinydiff.data import get_tokenizer
 from tinydiff.diffusion import get_schedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
-from tinydiff.loop import make_optimizer
+from tinydiff.loop import EMA, make_optimizer
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_tokenizer, load_meta, prepare
+from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, get_tokenizer, load_meta,
+                           prepare)
 from tinydiff.diffusion import SCHEDULES, get_schedule, nelbo_loss, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, resume_args, train
@@ -118,11 +119,17 @@ def main():
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
             "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing,
             "schedule": schedule_spec(schedule) if args.model == "mdlm" else None}
-    run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
-    if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
-        run["get_batch"] = framed_batches(tok.eot_id)
+
+    # training batches: random windows of train.bin; bos_eos: [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
+    windows = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch
+    if args.framing == "bos_eos":
         print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
-    summary = train(model, loss_fn, evaluate, args, run, meta, resume)
+
+    def batches(n, gen, device):  # (n, window)
+        return windows(data_dir, "train", n, window, gen, device)
+
+    summary = train(model, loss_fn, evaluate, batches, window, args, device=device, autocast=autocast,
+                    use_compile=use_compile, meta=meta, resume=resume)
 
     # show what the model learned: one sample from the weights eval/sample use (EMA when on)
     sampler_model = model_from_checkpoint(load_checkpoint(f"{args.out_dir}/ckpt.pt"), device)

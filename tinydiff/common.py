@@ -1,11 +1,10 @@
-"""Shared plumbing: device/dtype/compile policy, JSON output, seeding, EMA, atomic checkpoints, loading them.
+"""Shared plumbing: device/dtype/compile policy, JSON output, seeding, atomic checkpoints, loading them.
 
 The policy is decided once here and printed with its reason (design.md §3):
 cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu -> fp32, compile when
 asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
 """
 import contextlib
-import copy
 import json
 import math
 import os
@@ -99,31 +98,6 @@ def setup_runtime(args):
 
 def make_generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- EMA
-
-class EMA:
-    """Exponential moving average of the weights, kept in a second model so it can be evaluated as is.
-    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialisation. The update is one fused foreach op: no host sync."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
-
-    def state_dict(self):
-        return {"decay": self.decay, "updates": self.updates, "model": self.model.state_dict()}
-
-    def load_state_dict(self, sd):
-        self.decay, self.updates = sd["decay"], sd["updates"]
-        self.model.load_state_dict(sd["model"])
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -55,14 +55,17 @@ MFU = 0.40
 COST_ASSUMPTION = f"one H100 SXM at {MFU:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s dense bf16 peak"
 
 
-def apply_preset(parser, argv=None):
+def apply_preset(parser, argv=None, follow=None):
     """Add --preset to `parser`, and parse argv (default sys.argv[1:]) with the named preset's values as
     defaults: parse once for --preset, set_defaults, parse again, so flags given explicitly still win
-    (and --help shows the preset's values). Returns the parsed arguments; prints the preset when one is applied."""
+    (and --help shows the preset's values). Returns the parsed arguments; prints the preset when one is applied.
+    follow(known) -> {dest: default}: defaults that follow other flags' values (distill.py's per --method),
+    read after the preset is applied; the preset's own values and given flags still win over them."""
     parser.add_argument("--preset", default=None,
                         help=f"a paper recipe that sets the defaults (explicit flags still win): {', '.join(PRESETS)}")
     argv = sys.argv[1:] if argv is None else list(argv)
     known, _ = parser.parse_known_args(without_help(argv))
+    values = {}
     if known.preset is not None:
         if known.preset not in PRESETS:
             parser.error(f"unknown --preset {known.preset!r}: choose one of {', '.join(PRESETS)}")
@@ -73,6 +76,9 @@ def apply_preset(parser, argv=None):
                          f"(this script has no --{', --'.join(missing)})")
         parser.set_defaults(**values)
         print(f"preset {known.preset}: " + " ".join(f"--{k} {v}" for k, v in values.items()), flush=True)
+    if follow is not None:
+        known, _ = parser.parse_known_args(without_help(argv))
+        parser.set_defaults(**{k: v for k, v in follow(known).items() if k not in values})
     return parser.parse_args(argv)
 
 

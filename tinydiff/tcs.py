@@ -356,14 +356,16 @@ def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher
                         f"--tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer {tokenizer_name}")
 
 
-def build_tcs(args, student, device, run, schedule=None):
-    """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
-    Sets run["get_batch"] = grid_batch so a loop that honours it draws chunk-aligned windows."""
+def build_tcs(args, student, device, data_dir, window, schedule=None):
+    """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, stats, meta_extra).
+    get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch), so
+    a window's targets are computed once and then served by the cache; stats() -> the cache's counters for
+    the checkpoint (None without a cache); schedule: the student's noise schedule (None: log-linear)."""
     mask_id = student.cfg.vocab_size - 1
-    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, run["window"], device)
+    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, window, device)
     bos_id = ckpt["tokenizer"]["eot_id"]
-    if args.estimator == "exact" and run["window"] * ckpt["config"]["vocab_size"] > 1e5:
-        print(f"warning: exact TCS targets rescore {run['window']} x {ckpt['config']['vocab_size']} sequences "
+    if args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
+        print(f"warning: exact TCS targets rescore {window} x {ckpt['config']['vocab_size']} sequences "
               f"per window: use --estimator topk for anything but tiny settings")
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
 
@@ -373,17 +375,19 @@ def build_tcs(args, student, device, run, schedule=None):
         return tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window, args.candidates, max_elems)
 
     cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
-    run["get_batch"] = grid_batch
+
+    def get_batch(n, generator, device):  # (n, window) chunk-aligned training windows
+        return grid_batch(data_dir, "train", n, window, generator, device)
 
     def loss_fn(fwd, x, noise):  # noise: this step's draws (loop.Noise)
         ids, logp = cache(x)  # (B, L, K') each, no gradient
         return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, noise.gen, schedule, rank=noise.rank,
                         world=noise.world)
 
-    def cache_hook(it, state):
-        return {"tcs_cache": cache.stats()} if isinstance(cache, TargetCache) else None
+    def stats():
+        return cache.stats() if isinstance(cache, TargetCache) else None
 
     meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
                           "estimator": args.estimator, "topk": args.topk, "window": args.window,
-                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": run["window"]}}
-    return loss_fn, (cache_hook,), meta_extra
+                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": window}}
+    return loss_fn, get_batch, stats, meta_extra
