@@ -1,5 +1,5 @@
 """Speed, honestly: diffusion sampling vs KV-cached AR, training throughput and MFU, the roofline
-prediction for the paper's setting, and quality against latency (design.md §5, §8, §9).
+prediction for the paper's setting, and quality against latency (docs/samplers.md, docs/evaluation.md §2).
 
 Every setting is in the header (machine, device, dtype, compile, torch). Timings exclude warm-up
 (compilation happens there), synchronise the device around every timed run and report the median

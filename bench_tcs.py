@@ -1,5 +1,5 @@
 """TCS estimator benchmark: how close each estimator of the teacher's full-context conditional
-pi_i(v) = p_AR(x_i = v | x_{!=i}) comes to `exact`, and what it costs (design.md §7, tinydiff/tcs.py).
+pi_i(v) = p_AR(x_i = v | x_{!=i}) comes to `exact`, and what it costs (docs/tcs.md, tinydiff/tcs.py).
 
 On held-out windows of real text, for every estimator: the mean over positions of KL(exact || est)
 and of the total variation to exact, the exact mass that falls outside the stored/candidate ids
@@ -8,7 +8,7 @@ renormalised to the candidates), and the teacher's cost in ms per sequence (targ
 batch, teacher forward/backward passes included).
 
 CPU (a tiny byte-level AR teacher on tiny shakespeare, length 32 where `exact` is affordable):
-    python train.py --model ar --data /work/shared/data/tinyshakespeare.txt --n_layer 2 --n_head 2 \
+    python train.py --model ar --data shakespeare --n_layer 2 --n_head 2 \
         --n_embd 64 --seq_len 32 --max_iters 300 --batch_size 32 --lr 3e-3 --warmup 30 --out_dir out-ar-tiny
     python bench_tcs.py --teacher out-ar-tiny/ckpt.pt --seq_len 32 --n_seq 32
 GPU: the same with a bigger teacher, e.g. --seq_len 128 --n_seq 64 --batch_size 16.

@@ -1,6 +1,6 @@
 """Distil a diffusion LM: SDTT rounds from an MDLM teacher, or TCS from an AR teacher.
 
---method sdtt (Self-Distillation Through Time, Deschenaux & Gulcehre 2025; design.md §6): the student
+--method sdtt (Self-Distillation Through Time, Deschenaux & Gulcehre 2025; docs/sdtt.md): the student
 starts as a copy of the MDLM teacher: its raw weights by default, its EMA weights with --teacher_ema
 (use that when the teacher you evaluate is its EMA, as sample.py/eval.py do: then round 1 distils
 exactly the model of the teacher's rows). Round r trains the student to do in one step what the
@@ -21,7 +21,7 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
         --warmup 500 --ema 0.9999 --eval_interval 10000 --ckpt_interval 1000
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
 
---method tcs (Target Concrete Score distillation from an AR teacher; design.md §7) lives in
+--method tcs (Target Concrete Score distillation from an AR teacher; docs/tcs.md) lives in
 tinydiff/tcs.py; its flags are listed by --help.
 
 The two methods are two functions below, sdtt() and tcs(), each read top to bottom; --help shows the

@@ -1,20 +1,21 @@
 r"""Evaluate a tinydiff checkpoint (MDLM or AR): val PPL, generative perplexity under an AR judge,
-unigram entropy, self-BLEU, LAMBADA (design.md §8). Prints a table; the last line is one JSON object.
+unigram entropy, self-BLEU, LAMBADA (docs/evaluation.md). Prints a table; the last line is one JSON object.
 
 CPU (train.py's default models: byte tokenizer, stdlib corpus, seq_len 256; ~30 min for both):
     python train.py --out_dir out-shared/mdlm
     python train.py --model ar --out_dir out-shared/ar
     python eval.py --ckpt out-shared/mdlm/ckpt.pt --judge out-shared/ar/ckpt.pt --steps 8,32,128,256,1024 \
-        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000 --lambada_draws 4
+        --num_samples 16 --lambada lambada_test.jsonl --limit 1000 --lambada_draws 4
     python eval.py --ckpt out-shared/ar/ckpt.pt --judge out-shared/ar/ckpt.pt \
-        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000
+        --num_samples 16 --lambada lambada_test.jsonl --limit 1000
 CPU smoke test (minutes): add --steps 8,32 --num_samples 4 --val_tokens 2048 --limit 50.
+(lambada_test.jsonl: OpenAI's LAMBADA, 5153 passages; docs/reproduce.md §0 has the download command.)
 Any sampler of docs/samplers.md with its knobs, e.g. --sampler threshold --tau 0.9 (default ancestral).
 A judge with another tokenizer needs --retokenize (samples are decoded and re-encoded, and the output
 says so), e.g. GPT-2 large as in the papers, through tinydiff/hub.py: --judge gpt2-large --retokenize.
 GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on the same data):
     python eval.py --ckpt out-owt/ckpt.pt --judge out-owt-ar/ckpt.pt --steps 8,16,32,64,128,256,512,1024 \
-        --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada ../shared/data/lambada_test.jsonl
+        --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada lambada_test.jsonl
 
 What every number is:
 - val PPL: AR exact, MDLM exp(NELBO bound) with --val_draws stratified t per window, seed --seed;

@@ -1,4 +1,4 @@
-"""A known-distribution harness for tests (design.md §10).
+"""A known-distribution harness for tests (docs/design.md, "Tests"; docs/mdlm.md §5).
 
 A tiny "language": V tokens 0..V-1, sequences of length L, and an explicit joint table p(x) over
 all V^L sequences. Because everything is small enough to enumerate, every quantity the library

@@ -200,7 +200,7 @@ def test_greedy_is_argmax(toy, oracle):
 
 def test_token_draws_are_float64_gumbel_max():
     """Replaying the generator: sample_tokens is Gumbel-max with float64 uniforms (fp32 noise
-    would truncate the tail, design.md §5), on the filtered logits."""
+    would truncate the tail: docs/mdlm.md §6, Zheng et al. 2024), on the filtered logits."""
     logits = torch.randn(500, 9, generator=torch.Generator().manual_seed(0))
     for kw in ({}, {"temperature": 0.5, "top_k": 4}, {"top_p": 0.7}):
         got = sample_tokens(logits, torch.Generator().manual_seed(1), **kw)

@@ -1,6 +1,7 @@
 """Shared plumbing: device/dtype/compile policy, JSON output, seeding, atomic checkpoints, loading them.
 
-The policy is decided once here and printed with its reason (design.md §3):
+The policy is decided once here and printed with its reason (docs/design.md, "One policy for device,
+dtype and compile"):
 cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu -> fp32, compile when
 asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
 """

@@ -1,4 +1,4 @@
-"""Masked (absorbing-state) diffusion: schedule, forward masking, SUBS log-probs, NELBO (design.md §4).
+"""Masked (absorbing-state) diffusion: schedules, forward masking, SUBS log-probs, NELBO (docs/mdlm.md §2-4).
 
 Notation: x clean tokens (B, L); z_t noised tokens where each position is [MASK] with probability
 1 - alpha_t; mask_id = the last embedding row. Sahoo et al. 2024 (MDLM), eqs. 8-11.

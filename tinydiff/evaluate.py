@@ -1,4 +1,4 @@
-"""Evaluation functions used by train.py, eval.py and bench.py (design.md §8).
+"""Evaluation functions used by train.py, eval.py and bench.py (docs/evaluation.md).
 
 - val PPL: AR exact next-token NLL; MDLM the NELBO bound (Sahoo et al. 2024, eq. 10), both on the
   same held-out tokens (heldout_windows).
@@ -329,7 +329,7 @@ def read_lambada(path, limit=None):
             lines = [ln for ln in f if ln.strip()]
     except OSError as e:
         raise UserError(f"cannot read LAMBADA file {path} ({e.strerror}): give the OpenAI jsonl, "
-                        f"e.g. --lambada ../shared/data/lambada_test.jsonl") from None
+                        f"e.g. --lambada lambada_test.jsonl") from None
     passages = []
     for i, line in enumerate(lines[:limit] if limit else lines, 1):
         try:
@@ -387,7 +387,7 @@ def _lambada_inputs(tok, passages, kind, seq_len, framing="none"):
 @torch.no_grad()
 def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, autocast=None, device="cpu",
             batch_size=32, framing=None, schedule=None):
-    """Last-word prediction on LAMBADA (design.md §8), passages = [(context, target)].
+    """Last-word prediction on LAMBADA (docs/evaluation.md §4), passages = [(context, target)].
 
     framing (_lambada_inputs): "sdtt" frames every passage as SDTT evaluates it, [BOS] + context +
     target (+ [EOS], clamped, for the diffusion model); "none" feeds context + target alone. Default

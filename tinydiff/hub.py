@@ -192,7 +192,7 @@ def _dit_settings(config, revision):
     (n_heads, model_length, ...) or SDTT's hydra config ({"model": {"n_heads", "length"}, ...})."""
     if config.get("time_conditioning"):
         raise UserError("this DiT conditions on the time (time_conditioning=true): tinydiff's transformer has no "
-                        "time input (design.md section 4), so it cannot be converted exactly")
+                        "time input (docs/mdlm.md §3), so it cannot be converted exactly")
     m = config["model"] if isinstance(config.get("model"), dict) else config
     if not m.get("n_heads"):
         raise UserError("config.json has no n_heads: not an MDLM DiT repository")

@@ -1,4 +1,5 @@
-"""Samplers: the diffusion ancestral sampler (design.md §5) and the AR sampler with a static KV cache.
+"""Samplers: the diffusion ancestral sampler (docs/mdlm.md §6; MDLM eq. 7) and the AR sampler with a static
+KV cache.
 
 Both take any callable `model(tokens) -> logits (B, T, V)` and return (tokens, nfe), where nfe counts
 network evaluations. All random draws are float64: fp32 Gumbel noise truncates its tail, which

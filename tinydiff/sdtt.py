@@ -1,4 +1,4 @@
-"""SDTT: Self-Distillation Through Time (Deschenaux & Gulcehre, ICLR 2025, arXiv 2410.21035), design.md §6.
+"""SDTT: Self-Distillation Through Time (Deschenaux & Gulcehre, ICLR 2025, arXiv 2410.21035), docs/sdtt.md.
 
 A round teaches the student to do in ONE step of size 2Δ what the teacher does in TWO ancestral
 steps of size Δ = 1/K_teacher. The student starts as a copy of the teacher; at the end of a round
@@ -58,7 +58,7 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
 
 def divergence(student_logp, target_logp, masked, kind, mask_id):
     """Mean over the masked positions of the batch of a divergence between the student's and the
-    target's distributions (design.md §6; no 1/t weight). Computed in float32 or wider.
+    target's distributions (docs/sdtt.md §3; no 1/t weight). Computed in float32 or wider.
 
     student_logp, target_logp: (B, L, V) log-probs; masked: (B, L) bool, the positions masked in z_t.
     kind: kl_bwd = KL(student ‖ target) (the paper's default and winner), kl_fwd = KL(target ‖ student),

@@ -1,4 +1,4 @@
-"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (design.md §7).
+"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (docs/tcs.md).
 
 Target Concrete Score distillation ("Distilled Diffusion Language Models", ICLR 2025 submission;
 published as "Target Concrete Score Matching", Zhang et al., ICML 2025). There is no public code;
@@ -26,7 +26,7 @@ here": near the start of a window that is usually mid-document, the teacher's pr
 toward document-start statistics (the suffix terms of later positions correct most of it). The
 window needs L <= the teacher's context.
 
-Loss (design.md §7), at masked positions, with the NELBO's weight w(t) = 1/t:
+Loss, at masked positions, with the NELBO's weight w(t) = 1/t (MDLM, Sahoo et al. 2024, eq. 10):
     L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v pi_i(v) (-log p_theta(v | z_t))
 i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam pi_i; pi = onehot(x) gives the MDLM
 loss exactly. For fixed z_t the minimiser is E[pi_i | z_t] = p(x_i | z_t) when the teacher is the data
@@ -150,7 +150,7 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
 
 
 def grad_suffix(teacher, x, bos_id):
-    """First-order suffix scores (design.md §7, `grad`). Returns (prefix, delta), both (B, L, V):
+    """First-order suffix scores (`grad`). Returns (prefix, delta), both (B, L, V):
     prefix[b, i, v] = log p_AR(v | x_<i) and delta[b, i, v] ~ S_i(v) - S_i(x_i) = (e_v - e_{x_i}) . g_i.
 
     x_i enters the teacher only as the input embedding at position i+1, which feeds the predictions
