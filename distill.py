@@ -231,14 +231,13 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
     check_space(args.out_dir, checkpoint_bytes(student, 4))  # weights, EMA, AdamW's two moments
 
     # the teacher, the loss on its cached targets, and chunk-aligned batches (a window's targets are reused)
-    loss_fn, get_batch_tcs, cache_stats, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len,
-                                                              schedule)
+    loss_fn, batches, cache_stats, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule)
     meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=args.seq_len, **tcs_meta)
 
     def on_step(it, save):  # every checkpoint records the target cache's counters (None: no cache)
         meta["extra"] = {"tcs_cache": cache_stats()}
 
-    summary = train(student, loss_fn, heldout_bound(data_dir, schedule, mask_id, autocast, device), get_batch_tcs,
+    summary = train(student, loss_fn, heldout_bound(data_dir, schedule, mask_id, autocast, device), batches,
                     args.seq_len, args, device=device, autocast=autocast, use_compile=use_compile, meta=meta,
                     resume=resume, on_step=on_step)
     return student, schedule, summary
