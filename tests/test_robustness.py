@@ -254,6 +254,18 @@ def test_help_lists_what_resume_may_change(tmp_path):
     assert "may change on resume: --" + ", --".join(RESUMABLE) in out and "--overwrite" in out
 
 
+@pytest.mark.slow
+def test_distill_help_shows_the_defaults_of_the_method(tmp_path):
+    """distill.py --help shows real defaults, those of --method (SDTT's run length follows its rounds)."""
+    def shown(*flags):
+        out = " ".join(run("distill.py", *flags, "--help", cwd=tmp_path).stdout.split())
+        return {f: out.split(f"--{f} {f.upper()} ")[1].split(")")[0] for f in ("max_iters", "lr", "eval_interval")}
+    assert shown() == {"max_iters": "optimizer steps in total (default 600", "lr": "peak learning rate (AdamW; "
+                       "default 0.0003", "eval_interval": "evaluate every N steps (and at the end; default 150"}
+    assert shown("--method", "tcs")["max_iters"].endswith("default 2000") and "0.001" in shown("--method", "tcs")["lr"]
+    assert shown("--rounds", 7, "--iters_per_round", 300)["max_iters"].endswith("default 2100")
+
+
 # ----------------------------------------------------------------------------- out_dir: nothing overwritten
 
 @pytest.mark.slow
