@@ -1,5 +1,5 @@
 """Speed, honestly: diffusion sampling vs KV-cached AR, training throughput and MFU, the roofline
-prediction for the paper's setting, and quality against latency (design.md §5, §8, §9).
+prediction for the paper's setting, and quality against latency (docs/samplers.md, docs/evaluation.md §2).
 
 Every setting is in the header (machine, device, dtype, compile, torch). Timings exclude warm-up
 (compilation happens there), synchronise the device around every timed run and report the median
@@ -32,12 +32,12 @@ import statistics
 import torch
 
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
-from tinydiff.common import (EMA, UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
+from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
                              pick_dtype)
 from tinydiff.data import get_tokenizer
-from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
+from tinydiff.diffusion import get_schedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
-from tinydiff.loop import make_optimizer
+from tinydiff.loop import EMA, make_optimizer
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
@@ -89,20 +89,20 @@ def random_model(kind, seq_len):
 
 
 def load_model(path, kind, seq_len):
-    """(model on device, eval, weights in the sampling dtype; mask_id; start token): checkpoint or random."""
+    """(model on device, eval, weights in the sampling dtype; mask_id; start token; noise schedule): checkpoint
+    (its own schedule) or random (log-linear)."""
     if path:
-        ck = load_checkpoint(path)
-        if ck["kind"] != kind:
-            raise UserError(f"{path} is a {ck['kind']} checkpoint, expected {kind}")
+        ck = load_checkpoint(path, kind=kind)
         model, mask_id, bos = model_from_checkpoint(ck, device), ck.get("mask_id"), ck["tokenizer"]["eot_id"]
+        schedule = get_schedule(ck.get("schedule"))
     else:
         vocab = SIZES[args.size]["vocab"]
-        model, mask_id, bos = random_model(kind, seq_len).eval(), vocab, vocab - 1
+        model, mask_id, bos, schedule = random_model(kind, seq_len).eval(), vocab, vocab - 1, get_schedule()
     if seq_len > model.cfg.seq_len:
         raise UserError(f"--seq_len {seq_len} is beyond the {kind} model's context {model.cfg.seq_len}")
     # bf16 weights, not autocast, for sampling: autocast re-casts every fp32 weight at every decode step,
     # which would triple the bytes a memory-bound AR step reads
-    return model.to(device=device, dtype=wdtype), mask_id, bos
+    return model.to(device=device, dtype=wdtype), mask_id, bos, schedule
 
 
 def gen(seed_offset=0):
@@ -119,8 +119,8 @@ def compiled_decode(model, cache, compiled):
 def latency(L):
     """Rows per batch size: diffusion at each --steps, AR with cache, AR without cache; plus the bare
     forward time of the diffusion model. Every call re-seeds its generator: every timed run does the same work."""
-    mdlm, mask_id, _ = load_model(args.ckpt, "mdlm", L)
-    ar, _, bos = load_model(args.ar_ckpt, "ar", L)
+    mdlm, mask_id, _, schedule = load_model(args.ckpt, "mdlm", L)
+    ar, _, bos, _ = load_model(args.ar_ckpt, "ar", L)
     rows, forward_ms = [], {}
     for B in args.batch_sizes:
         z = torch.full((B, L), mask_id, dtype=torch.long, device=device)  # (B, L); the cost does not depend on content
@@ -128,7 +128,7 @@ def latency(L):
             net = torch.compile(mdlm, dynamic=False) if compiled else mdlm  # one specialised graph per batch size
             forward_ms[(B, compiled)] = measure(lambda: net(z), device, args.runs, warmup=2)[0]["ms_median"]
             for name, K in [(name, K) for name in args.samplers for K in args.steps]:
-                run = lambda k=K, n=name: sample(n, net, (B, L), k, mask_id, gen(), L, device, **knobs[n])
+                run = lambda k=K, n=name: sample(n, net, (B, L), k, mask_id, gen(), L, device, schedule, **knobs[n])
                 # warm-up with at most 8 steps: the same forward shape (so compilation is done), and cheap
                 stats, (_, nfe) = measure(run, device, args.runs, warmup=1, warmup_fn=lambda: run(min(K, 8)))
                 rows.append({"sampler": "diffusion" if name == "ancestral" else name, "method": name,
@@ -183,7 +183,7 @@ def throughput(L):
 
         def step():
             with autocast():
-                loss = nelbo_loss(fwd, x, LogLinearSchedule(), model.cfg.vocab_size - 1, noise)[0]
+                loss = nelbo_loss(fwd, x, get_schedule(), model.cfg.vocab_size - 1, noise)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -224,7 +224,7 @@ def quality():
     """Gen PPL and entropy against latency per sample: each checkpoint, at each step count (MDLM)."""
     if not args.judge or not args.ckpts:
         raise UserError("the quality section needs --judge JUDGE.pt and --ckpts LABEL=PATH ...")
-    jck = load_checkpoint(args.judge)
+    jck = load_checkpoint(args.judge, kind="ar", what=f"--judge {args.judge}")
     judge, judge_tok = model_from_checkpoint(jck, device), get_tokenizer(jck["tokenizer"]["name"])  # fp32 judge
     n_batches, rows = math.ceil(args.num_samples / args.sample_batch), []
     for spec in args.ckpts:
@@ -243,7 +243,9 @@ def quality():
             generate = lambda n, K, seed: ar_sample(model, b, L + 1, start, gen(seed), decode=decode, cache=cache)
         else:
             net = torch.compile(model, dynamic=False) if modes[-1] else model
-            generate = lambda n, K, seed: sample(n, net, (b, L), K, ck["mask_id"], gen(seed), L, device, **knobs[n])
+            schedule = get_schedule(ck.get("schedule"))  # the checkpoint's alpha_t: its reveal probabilities
+            generate = lambda n, K, seed: sample(n, net, (b, L), K, ck["mask_id"], gen(seed), L, device, schedule,
+                                                 **knobs[n])
         points = [("ar", None)] if ck["kind"] == "ar" else [(n, K) for n in args.samplers for K in args.quality_steps]
         for name, K in points:
             generate(name, K, 999)  # warm-up

@@ -1,5 +1,5 @@
 """TCS estimator benchmark: how close each estimator of the teacher's full-context conditional
-pi_i(v) = p_AR(x_i = v | x_{!=i}) comes to `exact`, and what it costs (design.md §7, tinydiff/tcs.py).
+pi_i(v) = p_AR(x_i = v | x_{!=i}) comes to `exact`, and what it costs (docs/tcs.md, tinydiff/tcs.py).
 
 On held-out windows of real text, for every estimator: the mean over positions of KL(exact || est)
 and of the total variation to exact, the exact mass that falls outside the stored/candidate ids
@@ -8,7 +8,7 @@ renormalised to the candidates), and the teacher's cost in ms per sequence (targ
 batch, teacher forward/backward passes included).
 
 CPU (a tiny byte-level AR teacher on tiny shakespeare, length 32 where `exact` is affordable):
-    python train.py --model ar --data /work/shared/data/tinyshakespeare.txt --n_layer 2 --n_head 2 \
+    python train.py --model ar --data shakespeare --n_layer 2 --n_head 2 \
         --n_embd 64 --seq_len 32 --max_iters 300 --batch_size 32 --lr 3e-3 --warmup 30 --out_dir out-ar-tiny
     python bench_tcs.py --teacher out-ar-tiny/ckpt.pt --seq_len 32 --n_seq 32
 GPU: the same with a bigger teacher, e.g. --seq_len 128 --n_seq 64 --batch_size 16.
@@ -82,9 +82,7 @@ def main():
     device, _ = pick_device(args.device)
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.teacher)
-    if ckpt["kind"] != "ar":
-        raise UserError(f"--teacher {args.teacher} is a {ckpt['kind']} model: the benchmark needs an AR teacher")
+    ckpt = load_checkpoint(args.teacher, kind="ar", what=f"--teacher {args.teacher}")
     if args.seq_len > ckpt["config"]["seq_len"]:
         raise UserError(f"--seq_len {args.seq_len} is longer than the teacher's context {ckpt['config']['seq_len']}")
     teacher = model_from_checkpoint(ckpt, device).requires_grad_(False)

@@ -1,6 +1,6 @@
 """Distil a diffusion LM: SDTT rounds from an MDLM teacher, or TCS from an AR teacher.
 
---method sdtt (Self-Distillation Through Time, Deschenaux & Gulcehre 2025; design.md §6): the student
+--method sdtt (Self-Distillation Through Time, Deschenaux & Gulcehre 2025; docs/sdtt.md): the student
 starts as a copy of the MDLM teacher: its raw weights by default, its EMA weights with --teacher_ema
 (use that when the teacher you evaluate is its EMA, as sample.py/eval.py do: then round 1 distils
 exactly the model of the teacher's rows). Round r trains the student to do in one step what the
@@ -20,12 +20,15 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
         --rounds 7 --iters_per_round 10000 --teacher_steps 1024 --batch_size 128 --lr 6e-5 \
         --warmup 500 --ema 0.9999 --eval_interval 10000 --ckpt_interval 1000
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
+
+--method tcs (Target Concrete Score distillation from an AR teacher; docs/tcs.md) lives in
+tinydiff/tcs.py; its flags are listed by --help.
 On the exact lab (docs/lab.md), --teacher lab-oracle makes the lab's exact denoiser the teacher of every
 round (the student starts from --init, an MDLM trained on the lab): SDTT against a perfect teacher.
     python distill.py --method sdtt --teacher lab-oracle --init runs/lab/mdlm/ckpt.pt --teacher_ema ...
 
---method tcs (Target Concrete Score distillation from an AR teacher; design.md §7) lives in
-tinydiff/tcs.py; its flags are listed by --help.
+The two methods are two functions below, sdtt() and tcs(), each read top to bottom; --help shows the
+defaults of the method asked for (python distill.py --method tcs --help).
 """
 import argparse
 import copy
@@ -35,8 +38,8 @@ from tqdm import tqdm
 
 from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, framed_batches, get_tokenizer, load_meta, prepare
-from tinydiff.diffusion import LogLinearSchedule
+from tinydiff.data import checkpoint_data, framed_batches, get_batch, get_tokenizer, load_meta, prepare
+from tinydiff.diffusion import get_schedule, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.lab import OracleDenoiser
 from tinydiff.lab_eval import lab_of
@@ -50,7 +53,8 @@ from tinydiff.tcs import add_tcs_args, build_tcs
 
 ORACLE = "lab-oracle"  # --teacher: the exact denoiser of the lab the student was trained on
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"], help="sdtt (MDLM teacher) or tcs (AR teacher)")
+parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"],
+                    help="sdtt (MDLM teacher) or tcs (AR teacher); the defaults below are this method's")
 parser.add_argument("--teacher", default=None,
                     help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py; sdtt on the lab "
                          f"(docs/lab.md): {ORACLE} = the lab's exact denoiser, the student from --init")
@@ -71,17 +75,23 @@ parser.add_argument("--loss", default="kl_bwd", choices=DIVERGENCES,
 add_tcs_args(parser)
 add_run_args(parser)
 add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs
-# flags left unset get defaults that depend on --method (fill below); data/tokenizer: the teacher's
-parser.set_defaults(data=None, tokenizer=None, max_iters=None, lr=None, warmup=None, ema=None, batch_size=None,
-                    eval_interval=None, ckpt_interval=None, eval_tokens=None)
-args = apply_preset(parser)  # --preset sdtt-paper sets the paper's recipe; explicit flags still win
+parser.set_defaults(data=None)  # the teacher's data (and tokenizer) unless given
 
 
-def fill(**defaults):
-    """Give each flag the user left unset its default for this method."""
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+def method_defaults(a):
+    """The defaults of --method a.method, set before the final parse so that --help shows them.
+    SDTT: CPU-sized (the paper's recipe: --preset sdtt-paper, lr 6e-5, batch 128, 500 warm-up, EMA 0.9999);
+    its run length and intervals follow its rounds: rounds x iters_per_round steps (a smaller --max_iters
+    stops early, --resume continues), an eval and a ckpt.pt per round. TCS: tinydiff/loop.py's shared ones."""
+    if a.method == "tcs":
+        return dict(lr=1e-3, warmup=100, ema=0.999, batch_size=32, eval_tokens=32768, max_iters=2000,
+                    eval_interval=250, ckpt_interval=500)
+    N = a.iters_per_round
+    return dict(lr=3e-4, warmup=20, ema=0.99, batch_size=8, eval_tokens=16384, max_iters=a.rounds * N,
+                eval_interval=N, ckpt_interval=N)
+
+
+args = apply_preset(parser, follow=method_defaults)  # --preset sdtt-paper: the paper's recipe; given flags win
 
 
 def main():
@@ -90,10 +100,7 @@ def main():
     claim(args.out_dir, args.resume, args.overwrite)
     resume = None
     if args.resume:
-        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume.get("method") is None:
-            raise UserError(f"{args.out_dir}/ckpt.pt was written by train.py, not distill.py: resume it with train.py, "
-                            f"or use another --out_dir")
+        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt", script="distill.py")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")  # method, teacher, data, recipe
     if args.teacher is None:
         raise UserError(f"--method {args.method} needs --teacher CKPT (an "
@@ -104,15 +111,14 @@ def main():
 
     # teacher checkpoint -> tokenizer and data (its own by default; --data overrides). The oracle teacher has
     # none: the student's checkpoint (--init) gives them, and the teacher is the exact denoiser of its lab
-    oracle = args.method == "sdtt" and args.teacher == ORACLE
-    if oracle and args.init == "scratch":
-        raise UserError(f"--teacher {ORACLE} needs --init CKPT: the MDLM trained on the lab that the student starts from")
-    tckpt = load_checkpoint(args.init if oracle else args.teacher)
-    want, name = ("mdlm", "an MDLM") if args.method == "sdtt" else ("ar", "an AR")
-    if tckpt["kind"] != want:
-        raise UserError(f"--{'init' if oracle else 'teacher'} {args.init if oracle else args.teacher} is a "
-                        f"{tckpt['kind']} checkpoint; --method {args.method} needs "
-                        f"{name} teacher (train.py --model {want})")
+    if oracle():
+        if args.init == "scratch":
+            raise UserError(f"--teacher {ORACLE} needs --init CKPT: the MDLM trained on the lab that the student "
+                            f"starts from")
+        tckpt = load_checkpoint(args.init, kind="mdlm", what=f"--init {args.init} of --teacher {ORACLE}")
+    else:
+        tckpt = load_checkpoint(args.teacher, kind="mdlm" if args.method == "sdtt" else "ar",
+                                what=f"--teacher {args.teacher} of --method {args.method}")
     tok = get_tokenizer(tckpt["tokenizer"]["name"])
     if args.tokenizer not in (None, tok.name):
         raise UserError(f"--tokenizer {args.tokenizer} differs from the teacher's ({tok.name}): the student shares "
@@ -127,135 +133,171 @@ def main():
     if load_meta(data_dir)["tokenizer"] != tok.name:
         raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.name})")
     args.data = args.data or tckpt["args"]["data"]
-
-    schedule = LogLinearSchedule()
-    meta = {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher,
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "mask_id": tok.vocab_size}
-    hooks = []
-
-    if args.method == "sdtt":
-        # ------------------------------------------------------------------ SDTT: student = copy of the teacher
-        if args.dropout_sites:  # else the teacher's (a converted DiT: the official residual-only sites)
-            tckpt["config"] = dict(tckpt["config"], dropout_sites=args.dropout_sites)
-        student = model_from_checkpoint(tckpt, device, use_ema=args.teacher_ema).train()
-        cfg, mask_id = student.cfg, tckpt["mask_id"]
-        args.seq_len = args.seq_len or cfg.seq_len
-        K0, N, R = args.teacher_steps or args.seq_len, args.iters_per_round, args.rounds
-        args.teacher_steps = K0
-        if K0 < 2 ** R or K0 % 2 ** R != 0:
-            raise UserError(f"--teacher_steps {K0} must be divisible by 2^rounds = {2 ** R} (each round halves it, "
-                            f"the last student samples with K0 / 2^R >= 1 steps)")
-        # CPU-sized defaults; the paper: lr 6e-5, batch 128, 500 warm-up, EMA 0.9999 (10k steps a round)
-        fill(lr=3e-4, warmup=20, ema=0.99, batch_size=8, eval_tokens=16384,
-             max_iters=R * N, eval_interval=N, ckpt_interval=N)  # a smaller --max_iters stops early
-        # (continue with --resume --max_iters R*N: a resumed run keeps the --max_iters it was given)
-        if args.max_iters > R * N:
-            raise UserError(f"--max_iters {args.max_iters} is beyond rounds x iters_per_round = {R * N}")
-        # the teacher: frozen, eval mode (no dropout), weights replaced at each round boundary. The oracle is
-        # exact at every K, so it stays the teacher in every round (round r: its two steps of size 1/K_r)
-        if oracle:
-            lab = lab_of(data_dir)
-            if lab is None:
-                raise UserError(f"--teacher {ORACLE} needs a student trained on the lab (--data lab); {data_dir} is not")
-            teacher = OracleDenoiser(lab)
-        else:
-            teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        it0 = 0
-        if resume is not None:  # (resume_args: the same rounds, iters_per_round and teacher_steps)
-            teacher.load_state_dict(resume["extra"]["teacher"])
-            it0 = resume["iter"]
-        cur = {"teacher_steps": K0 // 2 ** (it0 // N)}  # K of the round in progress
-        teacher_fwd = torch.compile(teacher) if use_compile and not oracle else teacher
-
-        def loss_fn(fwd, x, gen):
-            loss, _, _ = sdtt_loss(fwd, teacher_fwd, x, cur["teacher_steps"], args.n_teacher_steps, mask_id, schedule,
-                                   gen, args.loss)
-            return loss, {}
-
-        def round_hook(it, state):
-            """After each step; at the end of round r: write round{r}.pt, then teacher <- raw student."""
-            if it % N == 0:
-                r = it // N
-                meta["sample_steps"] = K0 // 2 ** r  # the student now does in K_r/2 steps what the teacher did in K_r
-                state["checkpoint"](f"{args.out_dir}/round{r}.pt", round=r, optimizer=None,
-                                    extra={"round": r, "teacher_steps": cur["teacher_steps"]})
-                tqdm.write(f"round {r}/{R} done: student samples with {meta['sample_steps']} steps -> "
-                           f"{args.out_dir}/round{r}.pt")
-                if r < R:
-                    if not oracle:
-                        teacher.load_state_dict(student.state_dict())  # the raw (non-EMA) student, as in the paper
-                    cur["teacher_steps"] //= 2
-            # in every ckpt.pt: what a mid-round resume needs (the round is it // N)
-            return {"round": it // N, "teacher_steps": cur["teacher_steps"], "teacher": teacher.state_dict()}
-
-        hooks.append(round_hook)
-        meta["sample_steps"] = K0 // 2 ** (it0 // N)  # before round 1 ends the student is still the teacher
-        print(f"SDTT: {R} rounds x {N} steps, teacher steps {K0} -> student {K0 // 2 ** R}, "
-              f"{args.n_teacher_steps} teacher steps per target, loss {args.loss}, "
-              f"student from the {'--init' if oracle else 'teacher'}'s {'EMA' if args.teacher_ema else 'raw'} weights"
-              + (f"; teacher: the lab's EXACT denoiser in every round" if oracle else ""))
-    else:
-        # ------------------------------------------------------------------ TCS: plugged in from tinydiff/tcs.py
-        args.seq_len = args.seq_len or tckpt["config"]["seq_len"]
-        fill(lr=1e-3, warmup=100, ema=0.999, batch_size=32, eval_tokens=32768,  # train.py's defaults
-             max_iters=2000, eval_interval=250, ckpt_interval=500)
-        init = args.init
-        if init == "scratch":  # a fresh MDLM, the teacher's shape unless --n_layer/--n_head/--n_embd say otherwise
-            c = dict(tckpt["config"], causal=False, vocab_size=tok.vocab_size + 1, seq_len=args.seq_len)
-            for k in ("n_layer", "n_head", "n_embd"):
-                c[k] = getattr(args, k) or c[k]
-            check_shape(c["n_embd"], c["n_head"])
-            student = Transformer(ModelConfig(**c)).to(device)
-        else:
-            ickpt = load_checkpoint(init)
-            if ickpt["kind"] != "mdlm" or ickpt["tokenizer"]["name"] != tok.name:
-                raise UserError(f"--init {init} must be an MDLM checkpoint with the teacher's tokenizer ({tok.name})")
-            student = model_from_checkpoint(ickpt, device, use_ema=True).train()
-        cfg, mask_id = student.cfg, tok.vocab_size
-        meta["sample_steps"] = args.seq_len
-
-    if args.seq_len > cfg.seq_len:
-        raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: "
-                        f"use {cfg.seq_len} or less")
-    # ckpt.pt: weights, EMA, AdamW's two moments (+ SDTT's teacher); SDTT's round files: weights and EMA each
-    check_space(args.out_dir, checkpoint_bytes(student, 5 + 2 * args.rounds if args.method == "sdtt" else 4))
-    print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
-          f"data {data_dir}, seq_len {args.seq_len}")
     # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
     args.framing = args.framing or tckpt.get("framing", "none")
-    meta["framing"] = args.framing
-    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens,  # (N, L) same as train.py
-                            args.framing)[0].to(device)
 
-    def evaluate(m):  # the data-only NELBO bound of the student (SDTT students drift from it: expected)
-        return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
-
-    meta.update(config=cfg.to_dict(), args=vars(args))
-    run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
-    if args.framing == "bos_eos":  # [BOS] + L - 2 tokens + [EOS] (tinydiff/data.py)
-        if args.method == "tcs":
-            raise UserError("--framing bos_eos is for SDTT from a model trained on framed windows; TCS uses "
-                            "plain windows (drop --framing)")
-        run["get_batch"] = framed_batches(tok.eot_id)
-        print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
-    if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
-        loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
-        hooks += list(tcs_hooks)
-        meta.update(meta_extra)
-    summary = train(student, loss_fn, evaluate, args, run, meta, resume, hooks)
+    distil = sdtt if args.method == "sdtt" else tcs
+    student, schedule, summary = distil(tckpt, tok, data_dir, resume, device, autocast, use_compile)
 
     # one sample from the final weights at the step count the checkpoint records
     final = load_checkpoint(f"{args.out_dir}/ckpt.pt")
     gen = make_generator(args.seed, device)
     x, nfe = sample(args.sampler, model_from_checkpoint(final, device), (1, args.seq_len), final["sample_steps"],
-                    mask_id, gen, cfg.seq_len, device, **knobs)
+                    final["mask_id"], gen, student.cfg.seq_len, device, schedule, **knobs)
     print("-" * 16 + f" sample: {describe(args.sampler, knobs)}, {final['sample_steps']} steps, NFE {nfe} " + "-" * 16)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
     emit({"method": args.method, "sample_steps": final["sample_steps"], "params": student.num_params(),
           **({"rounds": args.rounds, "teacher_steps": args.teacher_steps, "loss": args.loss} if args.method == "sdtt"
              else {}), **summary, "sampler": args.sampler, "sampler_knobs": knobs})
+
+
+def sdtt(tckpt, tok, data_dir, resume, device, autocast, use_compile):
+    """--method sdtt (docs/sdtt.md): the student starts as the MDLM teacher; round r (iters_per_round steps)
+    trains it to do in one step what the teacher does in two of size 1/K_r (tinydiff/sdtt.py); at the end
+    of the round the raw student becomes the teacher and K halves. Returns (student, schedule, summary)."""
+    if args.dropout_sites:  # else the teacher's (a converted DiT: the official residual-only sites)
+        tckpt["config"] = dict(tckpt["config"], dropout_sites=args.dropout_sites)
+    student = model_from_checkpoint(tckpt, device, use_ema=args.teacher_ema).train()
+    cfg, mask_id = student.cfg, tckpt["mask_id"]
+    schedule = get_schedule(tckpt.get("schedule"))  # the teacher's alpha_t: its steps, the student's loss
+    args.seq_len = args.seq_len or cfg.seq_len
+    K0, N, R = args.teacher_steps or args.seq_len, args.iters_per_round, args.rounds
+    args.teacher_steps = K0
+    if K0 < 2 ** R or K0 % 2 ** R != 0:
+        raise UserError(f"--teacher_steps {K0} must be divisible by 2^rounds = {2 ** R} (each round halves it, "
+                        f"the last student samples with K0 / 2^R >= 1 steps)")
+    if args.max_iters > R * N:  # a smaller one stops early (continue with --resume --max_iters R*N)
+        raise UserError(f"--max_iters {args.max_iters} is beyond rounds x iters_per_round = {R * N}")
+    check_student(student, data_dir)
+    check_space(args.out_dir, checkpoint_bytes(student, 5 + 2 * R))  # ckpt.pt (+ the teacher), the round files
+
+    # the teacher: frozen, eval mode (no dropout), its weights replaced at each round boundary. The oracle is
+    # exact at every K, so it stays the teacher in every round (round r: its two steps of size 1/K_r)
+    if oracle():
+        lab = lab_of(data_dir)
+        if lab is None:
+            raise UserError(f"--teacher {ORACLE} needs a student trained on the lab (--data lab); {data_dir} is not")
+        teacher = OracleDenoiser(lab)
+    else:
+        teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    it0 = 0
+    if resume is not None:  # (resume_args: the same rounds, iters_per_round and teacher_steps)
+        teacher.load_state_dict(resume["extra"]["teacher"])
+        it0 = resume["iter"]
+    teacher_steps = K0 // 2 ** (it0 // N)  # K of the round in progress
+    teacher_fwd = torch.compile(teacher) if use_compile and not oracle() else teacher
+    print(f"SDTT: {R} rounds x {N} steps, teacher steps {K0} -> student {K0 // 2 ** R}, "
+          f"{args.n_teacher_steps} teacher steps per target, loss {args.loss}, "
+          f"student from the {'--init' if oracle() else 'teacher'}'s {'EMA' if args.teacher_ema else 'raw'} weights"
+          + ("; teacher: the lab's EXACT denoiser in every round" if oracle() else ""))
+
+    def loss_fn(fwd, x, noise):  # noise: the step's draws (loop.Noise; rank, world: DDP)
+        loss, _, _ = sdtt_loss(fwd, teacher_fwd, x, teacher_steps, args.n_teacher_steps, mask_id, schedule,
+                               noise.gen, args.loss, rank=noise.rank, world=noise.world, teacher_generator=noise.own)
+        return loss, {}
+
+    # before round 1 ends the student is still the teacher: it samples with K0 steps
+    meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=K0 // 2 ** (it0 // N))
+
+    def on_step(it, save):
+        """After every step. At the end of round r: write round{r}.pt, then teacher <- the raw student, K halves."""
+        nonlocal teacher_steps
+        if it % N == 0:
+            r = it // N
+            meta["sample_steps"] = K0 // 2 ** r  # the student now does in K_r/2 steps what the teacher did in K_r
+            save(f"{args.out_dir}/round{r}.pt", round=r, optimizer=None,
+                 extra={"round": r, "teacher_steps": teacher_steps})
+            tqdm.write(f"round {r}/{R} done: student samples with {meta['sample_steps']} steps -> "
+                       f"{args.out_dir}/round{r}.pt")
+            if r < R:
+                if not oracle():
+                    teacher.load_state_dict(student.state_dict())  # the raw (non-EMA) student, as in the paper
+                teacher_steps //= 2
+        # in every ckpt.pt: what a mid-round resume needs (the round is it // N)
+        meta["extra"] = {"round": it // N, "teacher_steps": teacher_steps, "teacher": teacher.state_dict()}
+
+    windows = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch  # (tinydiff/data.py)
+    if args.framing == "bos_eos":
+        print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
+
+    def batches(n, gen, device):  # (n, seq_len) training windows, as the teacher was trained on
+        return windows(data_dir, "train", n, args.seq_len, gen, device)
+
+    summary = train(student, loss_fn, heldout_bound(data_dir, schedule, mask_id, autocast, device), batches,
+                    args.seq_len, args, device=device, autocast=autocast, use_compile=use_compile, meta=meta,
+                    resume=resume, on_step=on_step)
+    return student, schedule, summary
+
+
+def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
+    """--method tcs (docs/tcs.md): a diffusion student (fresh, or --init MDLM) learns the AR teacher's
+    full-context conditionals as soft targets on fixed chunks of the data (tinydiff/tcs.py).
+    Returns (student, schedule, summary)."""
+    args.seq_len = args.seq_len or tckpt["config"]["seq_len"]
+    if args.init == "scratch":  # a fresh MDLM, the teacher's shape unless --n_layer/--n_head/--n_embd say otherwise
+        c = dict(tckpt["config"], causal=False, vocab_size=tok.vocab_size + 1, seq_len=args.seq_len)
+        for k in ("n_layer", "n_head", "n_embd"):
+            c[k] = getattr(args, k) or c[k]
+        check_shape(c["n_embd"], c["n_head"])
+        student = Transformer(ModelConfig(**c)).to(device)
+        schedule = get_schedule()  # log-linear
+    else:
+        ickpt = load_checkpoint(args.init, kind="mdlm", tokenizer=tok.name, what=f"--init {args.init}")
+        student = model_from_checkpoint(ickpt, device, use_ema=True).train()
+        schedule = get_schedule(ickpt.get("schedule"))  # the MDLM's own
+    cfg, mask_id = student.cfg, tok.vocab_size
+    check_student(student, data_dir)
+    if args.framing == "bos_eos":
+        raise UserError("--framing bos_eos is for SDTT from a model trained on framed windows; TCS uses "
+                        "plain windows (drop --framing)")
+    check_space(args.out_dir, checkpoint_bytes(student, 4))  # weights, EMA, AdamW's two moments
+
+    # the teacher, the loss on its cached targets, and chunk-aligned batches (a window's targets are reused)
+    loss_fn, batches, cache_stats, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule)
+    meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=args.seq_len, **tcs_meta)
+
+    def on_step(it, save):  # every checkpoint records the target cache's counters (None: no cache)
+        meta["extra"] = {"tcs_cache": cache_stats()}
+
+    summary = train(student, loss_fn, heldout_bound(data_dir, schedule, mask_id, autocast, device), batches,
+                    args.seq_len, args, device=device, autocast=autocast, use_compile=use_compile, meta=meta,
+                    resume=resume, on_step=on_step)
+    return student, schedule, summary
+
+
+def oracle():
+    """--teacher lab-oracle: SDTT's teacher is the lab's exact denoiser (tinydiff/lab.py)."""
+    return args.method == "sdtt" and args.teacher == ORACLE
+
+
+def check_student(student, data_dir):
+    """The training windows must fit the student's context; print what is trained."""
+    cfg = student.cfg
+    if args.seq_len > cfg.seq_len:
+        raise UserError(f"--seq_len {args.seq_len} is beyond the model's context {cfg.seq_len}: "
+                        f"use {cfg.seq_len} or less")
+    print(f"student: {student.num_params() / 1e6:.2f}M parameters, {cfg.n_layer}L/{cfg.n_embd}d/{cfg.n_head}H, "
+          f"data {data_dir}, seq_len {args.seq_len}")
+
+
+def student_meta(tok, data_dir, cfg, schedule, **more):
+    """What makes a distilled checkpoint self-describing (train.py's fields, plus the method and teacher);
+    the loop writes it into every checkpoint as it is at that save."""
+    return {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher, "config": cfg.to_dict(),
+            "args": vars(args), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "mask_id": tok.vocab_size,
+            "framing": args.framing, "schedule": schedule_spec(schedule), **more}
+
+
+def heldout_bound(data_dir, schedule, mask_id, autocast, device):
+    """The periodic eval: the student's data-only NELBO bound on the held-out windows train.py uses (an SDTT
+    student drifts from it: expected)."""
+    val_x = heldout_windows(data_dir, "mdlm", args.seq_len, args.eval_tokens, args.framing)[0].to(device)  # (N, L)
+
+    def evaluate(m):
+        return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast, schedule)
+    return evaluate
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 r"""Evaluate a tinydiff checkpoint (MDLM or AR): val PPL, generative perplexity under an AR judge,
-unigram entropy, self-BLEU, LAMBADA (design.md §8). Prints a table; the last line is one JSON object.
+unigram entropy, self-BLEU, LAMBADA (docs/evaluation.md). Prints a table; the last line is one JSON object.
 
 CPU (train.py's default models: byte tokenizer, stdlib corpus, seq_len 256; ~30 min for both):
     python train.py --out_dir out-shared/mdlm
     python train.py --model ar --out_dir out-shared/ar
     python eval.py --ckpt out-shared/mdlm/ckpt.pt --judge out-shared/ar/ckpt.pt --steps 8,32,128,256,1024 \
-        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000 --lambada_draws 4
+        --num_samples 16 --lambada lambada_test.jsonl --limit 1000 --lambada_draws 4
     python eval.py --ckpt out-shared/ar/ckpt.pt --judge out-shared/ar/ckpt.pt \
-        --num_samples 16 --lambada ../shared/data/lambada_test.jsonl --limit 1000
+        --num_samples 16 --lambada lambada_test.jsonl --limit 1000
 CPU smoke test (minutes): add --steps 8,32 --num_samples 4 --val_tokens 2048 --limit 50.
+(lambada_test.jsonl: OpenAI's LAMBADA, 5153 passages; docs/reproduce.md §0 has the download command.)
 Any sampler of docs/samplers.md with its knobs, e.g. --sampler threshold --tau 0.9 (default ancestral).
 A judge with another tokenizer needs --retokenize (samples are decoded and re-encoded, and the output
 says so), e.g. GPT-2 large as in the papers, through tinydiff/hub.py: --judge gpt2-large --retokenize.
 GPU, paper scale (GPT-2 tokenizer, L = 1024; the judge an AR model trained on the same data):
     python eval.py --ckpt out-owt/ckpt.pt --judge out-owt-ar/ckpt.pt --steps 8,16,32,64,128,256,512,1024 \
-        --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada ../shared/data/lambada_test.jsonl
+        --num_samples 256 --batch_size 32 --val_tokens 1048576 --lambada lambada_test.jsonl
 
 What every number is:
 - val PPL: AR exact, MDLM exp(NELBO bound) with --val_draws stratified t per window, seed --seed;
@@ -56,6 +57,7 @@ from tinydiff.checks import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
 from tinydiff.data import FRAMINGS, checkpoint_data, get_tokenizer, load_meta
+from tinydiff.diffusion import get_schedule
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample
@@ -124,6 +126,7 @@ def main():
     kind, tok = "mdlm" if args.oracle else ckpt["kind"], get_tokenizer(ckpt["tokenizer"]["name"])
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context, mask_id = model.cfg.seq_len, tok.vocab_size if args.oracle else ckpt.get("mask_id")
+    schedule = get_schedule(ckpt.get("schedule"))  # the model's alpha_t: its bound's weights, its sampler's grid
     L = args.gen_len or context
     if kind == "ar":  # one AR sampler: it takes the common knobs only
         sampler, knobs = "ar", knobs_from_args("ancestral", args)  # ancestral's knobs: the common ones
@@ -144,7 +147,7 @@ def main():
     judge, judge_tok, retok = None, None, False
     if args.judge:
         try:
-            jckpt = load_checkpoint(args.judge)
+            jckpt = load_checkpoint(args.judge, kind="ar")
         except UserError as e:
             raise UserError(f"judge: {e}") from None
         mdlm_ppl = args.gen_ppl_protocol == "mdlm"  # decoding and re-encoding is part of MDLM's protocol
@@ -175,13 +178,15 @@ def main():
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,
               "seed": args.seed, "num_samples": args.num_samples, "gen_len": L, "batch_size": args.batch_size,
               "steps": steps_list if kind == "mdlm" else None, "val_ppl": None,
-              "sampler": sampler, "sampler_knobs": knobs, "oracle": args.oracle}
+              "sampler": sampler, "sampler_knobs": knobs, "oracle": args.oracle,
+              "schedule": schedule.name if kind == "mdlm" else None}
     framing = args.framing or ckpt.get("framing", "none")  # how the model's training windows were framed
     record["val_framing"] = framing
     if args.val_tokens > 0:
         t0 = time.time()
         val_x, n_scored = heldout_windows(data_dir, kind, context, args.val_tokens, framing)  # (n, L) or (n, L+1)
-        vm = val_metrics(model, kind, val_x.to(device), mask_id, args.val_draws, args.seed, args.batch_size, autocast)
+        vm = val_metrics(model, kind, val_x.to(device), mask_id, args.val_draws, args.seed, args.batch_size, autocast,
+                         schedule)
         how = "exact NLL" if kind == "ar" else f"NELBO bound, {args.val_draws} t draws/window"
         where = (f"v_1..v_{n_scored} of {data_dir}/val.bin, windows of {context}" if framing == "none" else
                  f"{len(val_x)} windows [BOS] + {context - 2} tokens of {data_dir}/val.bin + [EOS], framing bos_eos"
@@ -194,7 +199,7 @@ def main():
                       val_draws=args.val_draws if kind == "mdlm" else None, val_ppl_judge=None)
         if lab is not None:  # paired per window against the true NLL of the same tokens (own t draws)
             g = record["val_lab"] = heldout_gap(model, kind, lab, val_x.to(device), mask_id, args.val_draws,
-                                                args.seed, args.batch_size, autocast)
+                                                args.seed, args.batch_size, autocast, schedule)
             print(f"val (lab): model {g['model']:.4f} - true NLL of the same tokens {g['true']:.4f} = gap "
                   f"{g['gap']:+.4f} ± {g['gap_se']:.4f} nats/token ({g['windows']} windows)")
         if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
@@ -227,7 +232,7 @@ def main():
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
             if kind == "mdlm":
-                x, nfe = sample(sampler, net, (b, L), steps, mask_id, gen, context, device, **knobs)  # (b, L)
+                x, nfe = sample(sampler, net, (b, L), steps, mask_id, gen, context, device, schedule, **knobs)  # (b, L)
             else:  # start from end-of-text (lab: a stationary token), L + 1 tokens in all, drop the start token
                 prompt = torch.full((b, 1), tok.eot_id, dtype=torch.long, device=device)
                 if lab is not None:  # the lab: one token from the stationary law, so a perfect model gives exact windows
@@ -264,7 +269,7 @@ def main():
         passages = read_lambada(args.lambada, args.limit)
         t0 = time.time()
         lam = lambada(net, kind, tok, passages, context, mask_id, args.lambada_draws, args.seed, device=device,
-                      batch_size=args.lambada_batch, framing=args.lambada_framing)
+                      batch_size=args.lambada_batch, framing=args.lambada_framing, schedule=schedule)
         print(f"LAMBADA: {lam['n']} passages ({args.lambada}), {lam['truncated']} contexts left-truncated to fit the "
               f"context of {context} tokens, {lam['target_tokens']:.2f} target tokens/word ({time.time() - t0:.1f}s)")
         protocol = {("sdtt", "mdlm"): "[BOS] + context + [MASK] x m + [EOS], EOS clamped (SDTT's eval_lambada)",

@@ -21,6 +21,7 @@ from tinydiff.checks import ArgumentParser, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_checkpoint, make_generator,
                              model_from_checkpoint, pick_device, pick_dtype, write_error)
 from tinydiff.data import get_tokenizer
+from tinydiff.diffusion import get_schedule
 from tinydiff.outdir import check_writable
 from tinydiff.sampler import ar_sample
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
@@ -72,6 +73,7 @@ def main():
     if len(prompt) >= seq_len:
         raise UserError(f"the prompt is {len(prompt)} tokens, not shorter than --seq_len {seq_len}: shorten it")
     steps = args.steps if args.steps is not None else ckpt.get("sample_steps") or seq_len
+    schedule = get_schedule(ckpt.get("schedule"))  # the alpha_t the model was trained with: its reveal probabilities
     gen = make_generator(args.seed, device)
     texts, nfe_total, t0 = [], 0, time.time()
     for start in range(0, args.num_samples, args.batch_size):
@@ -83,7 +85,7 @@ def main():
         else:
             init = torch.full((b, seq_len), ckpt["mask_id"], dtype=torch.long, device=device)
             init[:, :len(prompt)] = p  # clamped prefix
-            x, nfe = sample(name, net, init, steps, ckpt["mask_id"], gen, context, **knobs)
+            x, nfe = sample(name, net, init, steps, ckpt["mask_id"], gen, context, schedule=schedule, **knobs)
         nfe_total += nfe
         texts += [tok.decode(row.tolist()) for row in x]
     seconds = time.time() - t0

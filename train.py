@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_tokenizer, load_meta, prepare
-from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
+from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, get_tokenizer, load_meta,
+                           prepare)
+from tinydiff.diffusion import SCHEDULES, get_schedule, nelbo_loss, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
@@ -33,6 +34,9 @@ parser.add_argument("--n_head", type=int, default=4, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=128, help="model width")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout (MDLM on OWT: 0.1)")
 parser.add_argument("--tie_embeddings", action="store_true", help="share input embedding and output head")
+parser.add_argument("--schedule", default="loglinear", choices=list(SCHEDULES),
+                    help="MDLM noise schedule alpha_t (docs/mdlm.md §2): loglinear (MDLM's) or cosine; recorded in "
+                         "the checkpoint, which every later script follows")
 parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
@@ -51,11 +55,11 @@ def main():
     claim(args.out_dir, args.resume, args.overwrite)
     resume = init = None
     if args.resume:
-        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume.get("method"):
-            raise UserError(f"{args.out_dir}/ckpt.pt was written by distill.py --method {resume['method']}: "
-                            f"resume it with distill.py, or use another --out_dir")
+        resume = load_checkpoint(f"{args.out_dir}/ckpt.pt", script="train.py")
         resume_args(args, resume, given_flags(parser), f"{args.out_dir}/ckpt.pt")
+        if args.model == "mdlm" and get_schedule(resume.get("schedule")).name != args.schedule:  # an older checkpoint
+            raise UserError(f"--schedule {args.schedule} contradicts {args.out_dir}/ckpt.pt (the "
+                            f"{get_schedule(resume.get('schedule')).name} schedule): drop the flag")
     sampler = args.sampler if args.model == "mdlm" else "ar"  # checked now, not after training
     knobs = knobs_from_args(args.sampler if args.model == "mdlm" else "ancestral", args)
     device, dtype, use_compile, autocast = setup_runtime(args)
@@ -71,10 +75,8 @@ def main():
     if resume is not None:
         cfg = ModelConfig(**resume["config"])
     elif args.init_from:
-        init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
-        if init["kind"] != args.model or init["tokenizer"]["name"] != tok.name:
-            raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
-                            f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
+        init = load_checkpoint(args.init_from, kind=args.model, tokenizer=tok.name, what=f"--init_from {args.init_from}",
+                               fix="give the --model and --tokenizer it was trained with")  # or a published model
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
         if args.dropout_sites:  # else the checkpoint's (a converted DiT: the official residual-only sites)
             init["config"]["dropout_sites"] = args.dropout_sites
@@ -96,12 +98,12 @@ def main():
           f"context {cfg.seq_len}, {model.estimate_flops_per_token(args.seq_len) / 1e6:.1f} MFLOP/token (train)")
 
     # loss and held-out evaluation (the same fixed windows at every eval)
-    schedule = LogLinearSchedule()
+    schedule = get_schedule(args.schedule)  # alpha_t and w(t) (tinydiff/diffusion.py); on --resume the checkpoint's
     if args.model == "mdlm":
-        def loss_fn(fwd, x, gen):
-            return nelbo_loss(fwd, x, schedule, mask_id, gen)[0], {}
+        def loss_fn(fwd, x, noise):  # noise: the step's draws (loop.Noise; rank, world: DDP)
+            return nelbo_loss(fwd, x, schedule, mask_id, noise.gen, rank=noise.rank, world=noise.world)[0], {}
     else:
-        def loss_fn(fwd, x, gen):
+        def loss_fn(fwd, x, noise):
             logits = fwd(x[:, :-1])  # (B, L, V)
             return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()), {}
     window = val_window_len(args.model, args.seq_len)
@@ -110,24 +112,31 @@ def main():
     # (AR and MDLM score exactly the same held-out tokens: see heldout_windows)
 
     def evaluate(m):
-        return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
+        return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast, schedule)
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
             "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
-            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing}
-    run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
-    if args.framing == "bos_eos":  # [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
-        run["get_batch"] = framed_batches(tok.eot_id)
+            "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing,
+            "schedule": schedule_spec(schedule) if args.model == "mdlm" else None}
+
+    # training batches: random windows of train.bin; bos_eos: [BOS] + window - 2 tokens + [EOS] (tinydiff/data.py)
+    windows = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch
+    if args.framing == "bos_eos":
         print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
-    summary = train(model, loss_fn, evaluate, args, run, meta, resume)
+
+    def batches(n, gen, device):  # (n, window)
+        return windows(data_dir, "train", n, window, gen, device)
+
+    summary = train(model, loss_fn, evaluate, batches, window, args, device=device, autocast=autocast,
+                    use_compile=use_compile, meta=meta, resume=resume)
 
     # show what the model learned: one sample from the weights eval/sample use (EMA when on)
     sampler_model = model_from_checkpoint(load_checkpoint(f"{args.out_dir}/ckpt.pt"), device)
     gen = make_generator(args.seed, device)
     if args.model == "mdlm":
         x, nfe = sample(sampler, sampler_model, (1, args.seq_len), args.seq_len, mask_id, gen, cfg.seq_len, device,
-                        **knobs)
+                        schedule, **knobs)
     else:
         x, nfe = ar_sample(sampler_model, 1, args.seq_len, torch.full((1, 1), tok.eot_id, device=device), gen, **knobs)
         x = x[:, 1:]

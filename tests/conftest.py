@@ -1,5 +1,5 @@
 """pytest setup: import tinydiff from the repository root and the harness from tests/, without an
-install; shared fixtures for the known-distribution harness (tests/harness.py, design.md §10)."""
+install; shared fixtures for the known-distribution harness (tests/harness.py, docs/design.md "Tests")."""
 import os
 import sys
 

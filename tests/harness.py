@@ -1,4 +1,4 @@
-"""A known-distribution harness for tests (design.md §10).
+"""A known-distribution harness for tests (docs/design.md, "Tests"; docs/mdlm.md §5).
 
 A tiny "language": V tokens 0..V-1, sequences of length L, and an explicit joint table p(x) over
 all V^L sequences. Because everything is small enough to enumerate, every quantity the library
@@ -287,7 +287,8 @@ def exact_nelbo(model, toy, schedule=None, eps_t=1e-3, n_quad=64):
     Given t, a mask pattern M has probability m^|M| (1-m)^(L-|M|) with m = 1 - alpha_t, so the
     inner expectation is a finite sum over the 2^L patterns; the t integral is done by
     Gauss-Legendre quadrature (exact for the log-linear schedule, whose integrand is a polynomial
-    of degree L-1 in t). With eps = eps_t = 0 and the oracle this is exactly -log p(x): the
+    of degree L-1 in t; for the cosine one, a smooth integrand, to rounding). With eps = eps_t = 0 and the
+    oracle this is exactly -log p(x) for any schedule: the
     continuous-time bound averages the chain rule over random unmasking orders.
     """
     from tinydiff.diffusion import LogLinearSchedule

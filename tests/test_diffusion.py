@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness import OracleDenoiser, exact_nelbo, z_threshold
-from tinydiff.diffusion import (LogLinearSchedule, forward_mask, masked_log_probs, nelbo_loss, nelbo_terms,
-                                sample_times, subs_log_probs, val_bound)
+from tinydiff.diffusion import (SCHEDULES, LogLinearSchedule, forward_mask, get_schedule, masked_log_probs, nelbo_loss,
+                                nelbo_terms, sample_times, schedule_spec, subs_log_probs, val_bound)
 from tinydiff.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -25,10 +25,29 @@ def test_loglinear_schedule():
     s = LogLinearSchedule(eps=1e-3)
     t = torch.tensor([1e-3, 0.5, 1.0], dtype=torch.float64)
     assert torch.allclose(s.alpha(t), 1 - (1 - 1e-3) * t)
-    # NELBO weight -alpha'_t / (1 - alpha_t), by finite differences, is 1/t
+    assert torch.allclose(s.weight(t), 1 / t)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_weight_is_the_nelbo_weight(name):
+    """Every registered schedule: alpha_0 = 1, alpha_1 = eps, alpha decreasing, and weight(t) is the NELBO's
+    -alpha'_t / (1 - alpha_t) (MDLM eq. 10), by finite differences; its spec round-trips through a checkpoint."""
+    s = get_schedule(name)
+    t = torch.tensor([1e-3, 0.1, 0.5, 0.9, 1.0 - 1e-6], dtype=torch.float64)
     h = 1e-7
     deriv = (s.alpha(t + h) - s.alpha(t - h)) / (2 * h)
     assert torch.allclose(-deriv / (1 - s.alpha(t)), s.weight(t), rtol=1e-6)
+    ends = s.alpha(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert ends.tolist() == pytest.approx([1.0, s.eps], abs=1e-12)
+    assert (s.alpha(torch.linspace(0, 1, 101, dtype=torch.float64)).diff() < 0).all()
+    again = get_schedule(schedule_spec(s))
+    assert type(again) is type(s) and schedule_spec(again) == schedule_spec(s) == {"name": name, "eps": s.eps}
+
+
+def test_a_checkpoint_without_a_schedule_is_loglinear():
+    assert isinstance(get_schedule(None), LogLinearSchedule) and get_schedule(None).eps == 1e-3
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        get_schedule({"name": "nope"})
 
 
 def test_masking_rate_matches_t():
@@ -59,6 +78,26 @@ def test_stratified_times_one_per_stratum(B):
     first = torch.stack(firsts).double()
     mean, se = (1 + eps_t) / 2, (1 - eps_t) / math.sqrt(12 * len(first))
     assert abs(first.mean().item() - mean) <= z_threshold(ALPHA, 3) * se
+
+
+def test_ranks_draw_their_rows_of_the_global_batch():
+    """DDP: rank r of `world` holds rows r, r + world, ... of the global batch; given (rank, world) and a generator
+    in the same state, its t and masks are exactly those rows of one process's draw for the whole batch."""
+    world, B, L, mask_id, s = 3, 4, 6, 7, LogLinearSchedule()
+    x = torch.randint(0, mask_id, (world * B, L), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    t_all = sample_times(world * B, gen)
+    z_all = forward_mask(x, t_all, s, mask_id, gen)
+    loss_all = nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x, s, mask_id, gen)[0]
+    losses = []
+    for rank in range(world):
+        gen = torch.Generator().manual_seed(0)
+        t = sample_times(B, gen, rank=rank, world=world)
+        z = forward_mask(x[rank::world], t, s, mask_id, gen, rank=rank, world=world)
+        assert torch.equal(t, t_all[rank::world]) and torch.equal(z, z_all[rank::world])
+        losses.append(nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x[rank::world], s, mask_id, gen,
+                                 rank=rank, world=world)[0])
+    assert torch.stack(losses).mean().item() == pytest.approx(loss_all.item(), rel=1e-6)  # DDP's gradient average
 
 
 def test_subs_invariants():
@@ -136,21 +175,27 @@ def test_oracle_posterior_against_python_loops(toy, oracle):
                 assert math.exp(logits[b, i, v].item()) == pytest.approx(num[v] / sum(num), rel=1e-12)
 
 
-def test_exact_bound_is_tight_for_the_oracle(toy, oracle):
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_exact_bound_is_tight_for_the_oracle(toy, oracle, name):
     """With exact conditionals the continuous-time bound averages the chain rule over random
-    unmasking orders, so it equals -log p(x) exactly (eps = 0); the eps's of the schedule and of
-    the time sampler leave out O(eps) of the time integral."""
+    unmasking orders, so it equals -log p(x) exactly (eps = 0), whatever the schedule (u = 1 - alpha_t
+    turns MDLM eq. 10 into the same integral); the eps's of the schedule and of the time sampler leave
+    out O(eps) of the time integral."""
     nll = toy.nll(toy.seqs)
-    tight = exact_nelbo(oracle, toy, LogLinearSchedule(eps=0.0), eps_t=0.0)
+    tight = exact_nelbo(oracle, toy, SCHEDULES[name](eps=0.0), eps_t=0.0)
     assert torch.allclose(tight, nll, rtol=0, atol=1e-10)
-    # with eps = eps_t = 1e-3: the integrand w(t) E[sum_masked -log p] is at most L * G (G the
-    # largest per-token NLL), and the estimator misses [0, (1-eps) eps_t] and [1 - eps, 1] of the
-    # time axis and rescales by 1/(1 - eps_t)
+    # with eps = eps_t = 1e-3: per unit of t the integrand w(t) E[sum_masked -log p] is at most
+    # L * G * w(t)(1 - alpha_t) = L * G * |alpha'_t| (G the largest per-token NLL); the estimator misses
+    # [0, eps_t] of the time axis and rescales by 1/(1 - eps_t), and alpha_1 = eps leaves out the mask
+    # rates (1 - eps, 1], at most L * G per unit of mask rate
     eps = eps_t = 1e-3
-    default = exact_nelbo(oracle, toy, LogLinearSchedule(eps=eps), eps_t=eps_t)
+    schedule = SCHEDULES[name](eps=eps)
+    default = exact_nelbo(oracle, toy, schedule, eps_t=eps_t)
     states = toy.states()
     G = -toy.posterior(states)[states == toy.mask_id].log().min()  # largest -log p(x_i = v | z)
-    bound = toy.L * G * (eps + eps_t + eps_t / (1 - eps_t))
+    t = torch.linspace(0, 1, 10_001, dtype=torch.float64)
+    slope = (schedule.alpha(t).diff().abs() / t.diff()).max()  # max |alpha'_t| (loglinear 1 - eps, cosine ~pi/2)
+    bound = toy.L * G * (eps + slope * (eps_t + eps_t / (1 - eps_t)))
     assert (default - nll).abs().max() <= bound
 
 
@@ -175,20 +220,22 @@ def _mc_nelbo(models, toy, draws, copies, seed, schedule):
     return out
 
 
-@pytest.fixture(scope="module")
-def mc_bounds(toy, oracle, single_thread):
-    """MC NELBO of every sequence under the oracle and a perturbed oracle, 200 x 64 t draws each."""
+@pytest.fixture(scope="module", params=list(SCHEDULES))
+def mc_bounds(request, toy, oracle, single_thread):
+    """MC NELBO of every sequence under the oracle and a perturbed oracle, 200 x 64 t draws each, for each
+    registered noise schedule."""
     worse = OracleDenoiser(toy, temperature=1.3, perturb=0.3, seed=1)
-    return _mc_nelbo([oracle, worse], toy, draws=200, copies=64, seed=0, schedule=LogLinearSchedule()), worse
+    schedule = get_schedule(request.param)
+    return _mc_nelbo([oracle, worse], toy, draws=200, copies=64, seed=0, schedule=schedule), worse, schedule
 
 
 def test_mc_nelbo_with_oracle_equals_true_nll(toy, oracle, mc_bounds):
-    est = mc_bounds[0][0]  # (draws, N)
+    est, schedule = mc_bounds[0][0], mc_bounds[2]  # (draws, N)
     mean, se = est.mean(0), est.std(0) / math.sqrt(len(est))
     z = z_threshold(ALPHA, toy.N)
     nll = toy.nll(toy.seqs)
     # 1) the library's estimator has exactly the expectation computed by enumeration
-    expected = exact_nelbo(oracle, toy, LogLinearSchedule(), eps_t=1e-3)
+    expected = exact_nelbo(oracle, toy, schedule, eps_t=1e-3)
     assert ((mean - expected).abs() <= z * se).all()
     # 2) so it estimates the true NLL of each sequence, up to the exactly known eps effect
     assert ((mean - nll).abs() <= z * se + (expected - nll).abs()).all()
@@ -205,27 +252,28 @@ def test_mc_nelbo_with_oracle_equals_true_nll(toy, oracle, mc_bounds):
 
 
 def test_perturbed_denoiser_has_larger_bound(toy, oracle, mc_bounds):
-    est, worse = mc_bounds
+    est, worse, schedule = mc_bounds
     joint = est @ toy.p  # (2, draws): bound averaged over the table, oracle and perturbed
     diff = joint[1] - joint[0]  # common random numbers: same t and z for both models
     se = diff.std() / math.sqrt(len(diff))
     assert diff.mean() > z_threshold(ALPHA) * se  # strictly larger, beyond MC error
     # and by the amount enumeration predicts
-    exact_gap = (exact_nelbo(worse, toy) - exact_nelbo(oracle, toy)) @ toy.p
+    exact_gap = (exact_nelbo(worse, toy, schedule) - exact_nelbo(oracle, toy, schedule)) @ toy.p
     assert exact_gap > 0
     assert abs(diff.mean() - exact_gap) <= z_threshold(ALPHA) * se
 
 
-def test_val_bound_matches_the_exact_nelbo(toy, oracle):
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_val_bound_matches_the_exact_nelbo(toy, oracle, name):
     """The held-out bound is an unbiased estimate of the exact per-token NELBO of those sequences
     (enumerated over mask patterns, t by quadrature): for the oracle and for a random network."""
-    s, mask_id = LogLinearSchedule(), toy.mask_id
+    s, mask_id = get_schedule(name), toy.mask_id
     val_x = toy.sample(100, torch.Generator().manual_seed(0))
     cfg = ModelConfig(vocab_size=toy.V + 1, n_layer=1, n_head=2, n_embd=16, seq_len=toy.L)
     torch.manual_seed(0)
     for model in (oracle, Transformer(cfg).eval()):
         with torch.no_grad():
-            exact = (exact_nelbo(model, toy)[toy.index(val_x)].mean() / toy.L).item()
+            exact = (exact_nelbo(model, toy, s)[toy.index(val_x)].mean() / toy.L).item()
         draws = torch.tensor([val_bound(model, val_x, s, mask_id, n_draws=1, seed=k, batch_size=32) for k in range(40)])
         se = draws.std() / math.sqrt(len(draws))  # the seeds' draws are independent
         assert abs(draws.mean() - exact) <= z_threshold(ALPHA, 2) * se

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from conftest import gpt2_or_skip
 from harness import exact_sampler_law, z_threshold
-from tinydiff.common import UserError
+from tinydiff.common import UserError, check_checkpoint
 from tinydiff.data import get_tokenizer
 from tinydiff.evaluate import (_lambada_inputs, check_judge, corpus_nll, heldout_windows, judge_nll, lambada,
                                mdlm_judge_tokens, mean_entropy, read_lambada, sample_metrics, self_bleu,
@@ -522,8 +522,8 @@ def test_check_judge():
     bytes_tok = get_tokenizer("bytes")
     ar = {"kind": "ar", "tokenizer": {"name": "bytes"}}
     assert check_judge(ar, bytes_tok, retokenize=False, path="j.pt") is False
-    with pytest.raises(UserError, match="must be an AR checkpoint"):
-        check_judge({**ar, "kind": "mdlm"}, bytes_tok, False, "j.pt")
+    with pytest.raises(UserError, match="j.pt is an MDLM with the bytes tokenizer, not an AR model"):
+        check_checkpoint({**ar, "kind": "mdlm"}, kind="ar", what="j.pt")  # eval.py: load_checkpoint(kind="ar")
     other = {"kind": "ar", "tokenizer": {"name": "gpt2"}}
     with pytest.raises(UserError, match="--retokenize"):
         check_judge(other, bytes_tok, False, "j.pt")

@@ -50,6 +50,19 @@ def test_wrong_or_unknown_preset_is_refused(capsys):
     assert "is for distill.py" in capsys.readouterr().err
 
 
+def test_defaults_that_follow_other_flags():
+    """apply_preset(follow=): defaults computed from other flags (given or a preset's); a preset's own value and a
+    given flag win over them."""
+    def follow(a):
+        return {"eval_interval": 10 * a.max_iters, "warmup": a.max_iters}
+    args = apply_preset(train_like_parser(), ["--max_iters", "7"], follow=follow)
+    assert (args.eval_interval, args.warmup) == (70, 7)
+    args = apply_preset(train_like_parser(), ["--preset", "mdlm-owt-small", "--max_iters", "7"], follow=follow)
+    assert (args.eval_interval, args.warmup) == (10_000, 2500)  # the preset's own values
+    args = apply_preset(train_like_parser(), ["--warmup", "3"], follow=follow)
+    assert (args.eval_interval, args.warmup) == (5000, 3)
+
+
 def script_flags(script):
     """The --flags a script defines (its own add_argument calls, plus the shared run flags)."""
     text = (ROOT / script).read_text() + (ROOT / "tinydiff" / "loop.py").read_text()

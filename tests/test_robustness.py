@@ -254,6 +254,18 @@ def test_help_lists_what_resume_may_change(tmp_path):
     assert "may change on resume: --" + ", --".join(RESUMABLE) in out and "--overwrite" in out
 
 
+@pytest.mark.slow
+def test_distill_help_shows_the_defaults_of_the_method(tmp_path):
+    """distill.py --help shows real defaults, those of --method (SDTT's run length follows its rounds)."""
+    def shown(*flags):
+        out = " ".join(run("distill.py", *flags, "--help", cwd=tmp_path).stdout.split())
+        return {f: out.split(f"--{f} {f.upper()} ")[1].split(")")[0] for f in ("max_iters", "lr", "eval_interval")}
+    assert shown() == {"max_iters": "optimizer steps in total (default 600", "lr": "peak learning rate (AdamW; "
+                       "default 0.0003", "eval_interval": "evaluate every N steps (and at the end; default 150"}
+    assert shown("--method", "tcs")["max_iters"].endswith("default 2000") and "0.001" in shown("--method", "tcs")["lr"]
+    assert shown("--rounds", 7, "--iters_per_round", 300)["max_iters"].endswith("default 2100")
+
+
 # ----------------------------------------------------------------------------- out_dir: nothing overwritten
 
 @pytest.mark.slow
@@ -385,6 +397,30 @@ def test_damaged_checkpoints(tmp_path, monkeypatch, capsys):
             runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
         assert e.value.code == 2
         error_line(capsys.readouterr().err, *words)
+
+
+def test_one_loader_checks_kind_tokenizer_and_script(tmp_path):
+    """load_checkpoint(path, kind=, tokenizer=, script=): every script's checks, one UserError each, naming what
+    the checkpoint is, what was needed and the fix."""
+    from tinydiff.common import UserError, load_checkpoint
+    from tinydiff.model import ModelConfig
+    cfg = ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=32, seq_len=32).to_dict()
+    torch.save({"config": cfg, "model": {}, "kind": "mdlm", "tokenizer": {"name": "bytes"}, "method": "sdtt"},
+               tmp_path / "m.pt")
+    path = str(tmp_path / "m.pt")
+    assert load_checkpoint(path, kind="mdlm", tokenizer="bytes", script="distill.py")["kind"] == "mdlm"
+    cases = [({"kind": "ar"}, "m.pt is an MDLM with the bytes tokenizer, not an AR model: give one trained with "
+                              "train.py --model ar"),
+             ({"tokenizer": "gpt2", "what": "--init x"}, "--init x is an MDLM with the bytes tokenizer, not an MDLM "
+                                                        "with the gpt2 tokenizer: give one trained with train.py "
+                                                        "--model mdlm --tokenizer gpt2"),
+             ({"kind": "ar", "fix": "do this"}, "not an AR model: do this"),
+             ({"script": "train.py"}, "m.pt was written by distill.py --method sdtt, not train.py: resume it with "
+                                      "distill.py, or use another --out_dir")]
+    for kw, words in cases:
+        with pytest.raises(UserError) as e:
+            load_checkpoint(path, **kw)
+        assert words in str(e.value), str(e.value)
 
 
 @pytest.mark.slow

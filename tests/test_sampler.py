@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from harness import OracleDenoiser, chi2_gof, exact_sampler_law, tv
+from tinydiff.diffusion import SCHEDULES, get_schedule
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampler import ar_sample, diffusion_sample, filter_logits, sample_tokens
 
@@ -80,6 +81,20 @@ def test_sampler_matches_exact_law_oracle(toy, oracle, K):
     assert chi2_gof(hist, law(oracle, toy, K + 1))[1] < ALPHA
     if K == 1:
         assert chi2_gof(hist, toy.product_of_marginals())[1] > ALPHA
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_sampler_matches_exact_law_every_schedule(toy, oracle, name):
+    """The sampler reveals with the schedule it is given (a checkpoint's): its samples follow the exact law of
+    that schedule's grid, and reject the law of another schedule at the same K."""
+    K, schedule = 3, get_schedule(name)
+    x, _ = draw(oracle, toy, K, schedule=schedule)
+    hist = toy.histogram(x)
+    assert chi2_gof(hist, law(oracle, toy, K, schedule=schedule))[1] > ALPHA
+    assert chi2_gof(hist, law(oracle, toy, K + 1, schedule=schedule))[1] < ALPHA  # power
+    for other in SCHEDULES:
+        if other != name:
+            assert chi2_gof(hist, law(oracle, toy, K, schedule=get_schedule(other)))[1] < ALPHA
 
 
 @pytest.mark.parametrize("knobs", [{}, {"temperature": 0.7, "top_k": 2}, {"top_p": 0.8}])
@@ -185,7 +200,7 @@ def test_greedy_is_argmax(toy, oracle):
 
 def test_token_draws_are_float64_gumbel_max():
     """Replaying the generator: sample_tokens is Gumbel-max with float64 uniforms (fp32 noise
-    would truncate the tail, design.md §5), on the filtered logits."""
+    would truncate the tail: docs/mdlm.md §6, Zheng et al. 2024), on the filtered logits."""
     logits = torch.randn(500, 9, generator=torch.Generator().manual_seed(0))
     for kw in ({}, {"temperature": 0.5, "top_k": 4}, {"top_p": 0.7}):
         got = sample_tokens(logits, torch.Generator().manual_seed(1), **kw)

@@ -1,4 +1,4 @@
-"""SDTT (design.md §6): Algorithm 1's targets and the divergences against hand computations, distillation
+"""SDTT (docs/sdtt.md): Algorithm 1's targets and the divergences against hand computations, distillation
 against ground truth on the known-distribution harness, and distill.py's rounds end to end."""
 import json
 import os

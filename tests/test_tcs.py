@@ -14,6 +14,7 @@ import torch.nn as nn
 from harness import OracleAR, Toy
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
+from tinydiff.loop import Noise
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.tcs import (TargetCache, add_tcs_args, build_tcs, check_tokenizers, grad_suffix, grid_batch,
                           rescore, tcs_loss, tcs_targets, tcs_terms, to_dense)
@@ -280,6 +281,7 @@ def _tiny_ar_ckpt(path, tok="bytes", vocab=257, seq_len=16):
 def _args(teacher, **kw):
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", default="bytes")
+    p.add_argument("--teacher")  # distill.py's
     add_tcs_args(p)
     args = p.parse_args(["--teacher", str(teacher)])
     for k, v in kw.items():
@@ -293,7 +295,7 @@ def test_mismatched_tokenizer_is_refused(tmp_path):
     _tiny_ar_ckpt(tmp_path / "ar.pt", tok="gpt2", vocab=50257)
     student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
     with pytest.raises(UserError, match="tokenizer mismatch"):
-        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", {"window": 16})
+        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", tmp_path, 16)
 
 
 def test_build_tcs_end_to_end(tmp_path):
@@ -301,19 +303,23 @@ def test_build_tcs_end_to_end(tmp_path):
     torch.manual_seed(0)
     student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
     with pytest.raises(UserError, match="longer than the teacher's context"):
-        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", {"window": 32})
+        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", tmp_path, 32)
     x = torch.randint(256, (4, 16))
+    data = tmp_path / "data"
+    data.mkdir()
+    np.arange(1000, dtype=np.uint16).tofile(data / "train.bin")
     for est in ("exact", "prefix", "grad", "topk"):
-        run = {"window": 16}
-        loss_fn, hooks, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
-                                         student, "cpu", run)
-        loss, logs = loss_fn(student, x, torch.Generator().manual_seed(0))
+        loss_fn, get_batch, stats, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
+                                                    student, "cpu", data, 16)
+        loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(0)))
         loss.backward()
-        assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"} and run["get_batch"] is grid_batch
+        assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"}
         assert torch.isclose(loss, 0.5 * logs["nelbo"] + 0.5 * logs["tcs"])
-        assert meta["tcs"]["estimator"] == est and hooks[0](1, {})["tcs_cache"]["misses"] == 4
+        assert meta["tcs"]["estimator"] == est and stats()["misses"] == 4
+        batch = get_batch(8, torch.Generator().manual_seed(0), "cpu")  # chunk-aligned: the grid's windows
+        assert torch.equal(batch, grid_batch(data, "train", 8, 16, torch.Generator().manual_seed(0)))
     # lam = 0 is exactly train.py's MDLM loss on the same generator
-    loss_fn, _, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0), student, "cpu", {"window": 16})
-    loss, _ = loss_fn(student, x, torch.Generator().manual_seed(5))
+    loss_fn, _, _, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0), student, "cpu", data, 16)
+    loss, _ = loss_fn(student, x, Noise(torch.Generator().manual_seed(5)))
     ref = nelbo_loss(student, x, LogLinearSchedule(), 257, torch.Generator().manual_seed(5))[0]
     assert torch.equal(loss, ref)

@@ -135,3 +135,25 @@ def test_bad_input_gets_clear_errors(tmp_path, corpus):
             cwd=tmp_path, check=False)
     check_error(p, "--seq_len 64", "holds --seq_len 32")  # a resumed run keeps its context
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before  # a refused run destroys nothing
+
+
+@pytest.mark.slow
+def test_noise_schedule_is_recorded_and_followed(tmp_path, corpus):
+    """--schedule cosine is recorded in the checkpoint, and eval.py scores the bound of that schedule: the
+    held-out bound train.py reported, to rounding (the log-linear bound of the same weights differs)."""
+    trained = last_json(run("train.py", "--data", corpus, "--max_iters", 3, "--eval_interval", 3, "--out_dir", "out",
+                            *TINY, "--schedule", "cosine", cwd=tmp_path))
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert ckpt["schedule"] == {"name": "cosine", "eps": 1e-3} and ckpt["args"]["schedule"] == "cosine"
+    e = last_json(run("eval.py", "--ckpt", "out/ckpt.pt", "--batch_size", 3, "--num_samples", 1, "--steps", 2,
+                      "--device", "cpu", cwd=tmp_path))
+    assert e["schedule"] == "cosine" and e["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-6)
+    from tinydiff.common import model_from_checkpoint
+    from tinydiff.data import checkpoint_data
+    from tinydiff.evaluate import heldout_windows, val_metrics
+    val_x = heldout_windows(checkpoint_data(ckpt), "mdlm", 32, 256)[0]
+    loglinear = val_metrics(model_from_checkpoint(ckpt), "mdlm", val_x, ckpt["mask_id"], 2)["val_loss"]
+    assert abs(loglinear - trained["val_loss"]) > 1e-3  # the eval above could not have passed by following it
+    p = run("train.py", "--data", corpus, "--max_iters", 4, "--out_dir", "out", "--resume", *TINY, "--schedule",
+            "loglinear", cwd=tmp_path, check=False)
+    check_error(p, "--schedule loglinear", "holds --schedule cosine")

@@ -123,20 +123,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def given_flags(parser, argv=None):
-    """The dests of the flags written on the command line (not defaults, not a --preset's values):
-    parse once more with every default suppressed. argparse's prefix matching (--max for --max_iters)
-    is honoured because argparse itself does the parsing."""
-    saved, parser_defaults = [(a, a.default) for a in parser._actions], parser._defaults
-    try:
-        parser._defaults = {}  # set_defaults() values (a preset's, a script's) are not "given" either
-        for a, _ in saved:
-            a.default = argparse.SUPPRESS
-        known, _ = parser.parse_known_args(argv)
-    finally:
-        parser._defaults = parser_defaults
-        for a, d in saved:
-            a.default = d
-    return set(vars(known))
+    """The dests of the flags written on the command line (not defaults, not a --preset's values): parse
+    once more into a namespace that already holds a marker for every dest, which argparse leaves in place
+    unless the flag is given (it only fills in defaults that are missing). argparse's prefix matching
+    (--max for --max_iters) is honoured because argparse itself does the parsing."""
+    unset = object()
+    dests = vars(parser.parse_known_args([])[0])  # every dest the parser knows
+    given, _ = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {dest for dest, value in vars(given).items() if value is not unset}
 
 
 def run_main(main):

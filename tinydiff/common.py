@@ -1,32 +1,23 @@
-"""Shared plumbing: device/dtype/compile policy, clear errors, seeding, EMA, atomic checkpoints.
+"""Shared plumbing: device/dtype/compile policy, JSON output, seeding, atomic checkpoints, loading them.
 
-The policy is decided once here and printed with its reason (design.md §3):
+The policy is decided once here and printed with its reason (docs/design.md, "One policy for device,
+dtype and compile"):
 cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu -> fp32, compile when
 asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
 """
 import contextlib
-import copy
 import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-
-class UserError(Exception):
-    """Bad input from the user. Scripts print its message on one line and exit with status 2."""
-
-
-class DataError(UserError):
-    """A data problem (source, tokenizer, prepared folder): the message says what is wrong and how to fix it."""
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+from .dist import active, init
+from .errors import DataError, UserError, die  # noqa: F401  (DataError, die: re-exported, the scripts' import point)
+from .hub import is_pretrained, load_pretrained
+from .model import ModelConfig, Transformer
 
 
 def emit(record):
@@ -97,8 +88,7 @@ def setup_runtime(args):
     device, why_d = pick_device(args.device)
     dtype, why_t = pick_dtype(args.dtype, device)
     use_compile, why_c = pick_compile(args.compile, device)
-    from .dist import active, init  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
-    world = init(device)[1]
+    world = init(device)[1]  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -109,31 +99,6 @@ def setup_runtime(args):
 
 def make_generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- EMA
-
-class EMA:
-    """Exponential moving average of the weights, kept in a second model so it can be evaluated as is.
-    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialisation. The update is one fused foreach op: no host sync."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
-
-    def state_dict(self):
-        return {"decay": self.decay, "updates": self.updates, "model": self.model.state_dict()}
-
-    def load_state_dict(self, sd):
-        self.decay, self.updates = sd["decay"], sd["updates"]
-        self.model.load_state_dict(sd["model"])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -207,14 +172,21 @@ def pid_alive(pid):
     return True
 
 
-def load_checkpoint(path):
-    """Load a tinydiff checkpoint on the CPU, or raise UserError saying what is wrong with it.
-    A published model's name (hf:OWNER/NAME[@REV], gpt2, gpt2-medium, ...) that is not a local file is
-    downloaded and converted by tinydiff/hub.py into the same format."""
+KINDS = {"mdlm": "an MDLM", "ar": "an AR model"}
+
+
+def load_checkpoint(path, kind=None, tokenizer=None, script=None, what=None, fix=None):
+    """Load a tinydiff checkpoint on the CPU, or raise one UserError saying what is wrong with it and how to
+    fix it. A published model's name (hf:OWNER/NAME[@REV], gpt2, gpt2-medium, ...) that is not a local file
+    is downloaded and converted by tinydiff/hub.py into the same format.
+    The checks a caller needs (check_checkpoint): kind "mdlm" or "ar"; tokenizer, the name of the tokenizer
+    it must use; script, the script that must have written it ("train.py" or "distill.py": --resume).
+    what: how the message names it (default: the path); fix: how to fix a wrong kind or tokenizer."""
     path = str(path)
-    from .hub import is_pretrained, load_pretrained
     if is_pretrained(path) and not os.path.isfile(path):
-        return load_pretrained(path)
+        ckpt = load_pretrained(path)
+        check_checkpoint(ckpt, kind, tokenizer, script, what or path, fix)
+        return ckpt
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
     if not os.path.isfile(path):
@@ -226,12 +198,27 @@ def load_checkpoint(path):
                         f"re-train or point to another checkpoint") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "kind", "tokenizer"} <= set(ckpt):
         raise UserError(f"{path} is not a tinydiff checkpoint (missing config/model/kind/tokenizer)")
+    check_checkpoint(ckpt, kind, tokenizer, script, what or path, fix)
     return ckpt
+
+
+def check_checkpoint(ckpt, kind=None, tokenizer=None, script=None, what="the checkpoint", fix=None):
+    """load_checkpoint's checks on a loaded checkpoint: UserError unless it is a `kind` model using the
+    `tokenizer` tokenizer, written by `script` (each None: not checked)."""
+    wrote = f"distill.py --method {ckpt['method']}" if ckpt.get("method") else "train.py"
+    if script is not None and wrote.split()[0] != script:
+        raise UserError(f"{what} was written by {wrote}, not {script}: resume it with {wrote.split()[0]}, "
+                        f"or use another --out_dir")
+    have_kind, have_tok = ckpt["kind"], ckpt["tokenizer"]["name"]
+    if (kind or have_kind) != have_kind or (tokenizer or have_tok) != have_tok:
+        want = KINDS.get(kind or have_kind, kind) + (f" with the {tokenizer} tokenizer" if tokenizer else "")
+        flags = f"--model {kind or have_kind}" + (f" --tokenizer {tokenizer}" if tokenizer else "")
+        raise UserError(f"{what} is {KINDS.get(have_kind, have_kind)} with the {have_tok} tokenizer, not {want}: "
+                        + (fix or f"give one trained with train.py {flags}"))
 
 
 def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
     """Build the model a checkpoint describes; EMA weights when present and use_ema. Eval mode."""
-    from .model import ModelConfig, Transformer
     try:
         model = Transformer(ModelConfig(**ckpt["config"]))
         ema = ckpt.get("ema")

@@ -1,4 +1,4 @@
-"""Masked (absorbing-state) diffusion: schedule, forward masking, SUBS log-probs, NELBO (design.md §4).
+"""Masked (absorbing-state) diffusion: schedules, forward masking, SUBS log-probs, NELBO (docs/mdlm.md §2-4).
 
 Notation: x clean tokens (B, L); z_t noised tokens where each position is [MASK] with probability
 1 - alpha_t; mask_id = the last embedding row. Sahoo et al. 2024 (MDLM), eqs. 8-11.
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 class LogLinearSchedule:
     """alpha_t = 1 - (1 - eps) t: a token is masked with probability (1 - eps) t ~ t (MDLM's choice).
 
-    The NELBO weight -alpha'_t / (1 - alpha_t) = (1 - eps) / ((1 - eps) t) = 1/t exactly. Another
-    schedule only needs alpha(t) and weight(t).
+    The NELBO weight -alpha'_t / (1 - alpha_t) = (1 - eps) / ((1 - eps) t) = 1/t exactly.
     """
     name = "loglinear"
 
@@ -34,45 +33,77 @@ class LogLinearSchedule:
         return 1 / t
 
 
-_DATA_PARALLEL = None  # (generator, rank, world) inside data_parallel_noise()
+class CosineSchedule:
+    """alpha_t = eps + (1 - eps) cos(pi t / 2): few masks at small t, most of the change late; MDLM's `cosine`
+    noise (Sahoo et al. 2024; there alpha_t = exp(-sigma(t)), sigma(t) = -log(eps + (1 - eps) cos(pi t / 2))).
+
+    The NELBO weight -alpha'_t / (1 - alpha_t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) = (pi/2) / tan(pi t/4),
+    ~ 2/t at small t. With the exact denoiser the bound equals the log-linear one (the change of variable
+    u = 1 - alpha_t turns either integral of MDLM eq. 10 into the same one), so it is a choice of where
+    training spends its samples of t, not of what is estimated.
+    """
+    name = "cosine"
+
+    def __init__(self, eps=1e-3):
+        self.eps = eps
+
+    def alpha(self, t):
+        return self.eps + (1 - self.eps) * torch.cos(math.pi / 2 * t)
+
+    def weight(self, t):
+        return (math.pi / 2) / torch.tan(math.pi / 4 * t)
 
 
-@contextlib.contextmanager
-def data_parallel_noise(generator, rank, world):
-    """DDP training (loop.train under torchrun): inside this block, sample_times and forward_mask draw t
-    and the masks of the whole global batch (world x B rows) from `generator`, which is in the same state
-    on every rank, and return this rank's rows rank, rank + world, rank + 2 world, ... (the rows of the
-    global data batch it holds). So the ranks together see exactly the t and masks of one process with
-    batch world x B, and each rank's t still spans [0, 1) evenly. The generator the loss passes them is
-    then left for the loss's other draws (SDTT's teacher steps), which differ across ranks."""
-    global _DATA_PARALLEL
-    before, _DATA_PARALLEL = _DATA_PARALLEL, (generator, rank, world)
-    try:
-        yield
-    finally:
-        _DATA_PARALLEL = before
+# The noise schedules by name (docs/mdlm.md §2). A schedule is an object with alpha(t) (the probability that
+# a token is still clean at time t, alpha_0 = 1) and weight(t) = -alpha'_t / (1 - alpha_t) (the NELBO's, MDLM
+# eq. 10), elementwise on tensors of t; its name and parameters are recorded in every checkpoint
+# ("schedule": schedule_spec) and every script and module that needs alpha or w takes the checkpoint's
+# (get_schedule). Adding one: a class here and its entry below; --schedule and everything else follow.
+SCHEDULES = {s.name: s for s in (LogLinearSchedule, CosineSchedule)}
 
 
-def sample_times(batch_size, generator=None, device="cpu", eps_t=1e-3):
+def schedule_spec(schedule):
+    """What a checkpoint records: {"name": ..., "eps": ...} (the constructor's parameters)."""
+    return {"name": schedule.name, **vars(schedule)}
+
+
+def get_schedule(spec=None):
+    """The schedule a checkpoint's "schedule" field describes (schedule_spec), a registered name, or a schedule
+    object (returned as it is). None, a checkpoint written before the field existed, is the log-linear one."""
+    if spec is None:
+        return LogLinearSchedule()
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        return spec  # already a schedule
+    params = {k: v for k, v in spec.items() if k != "name"}
+    if spec.get("name") not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {spec.get('name')!r}: choose one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[spec["name"]](**params)
+
+
+# Data parallelism (loop.train under torchrun, world processes): each rank holds rows rank, rank + world, ... of
+# the global batch (world x B rows), and draws t and the masks with rank and world given: from a generator in
+# the same state on every rank, for the whole global batch, keeping its own rows. So the ranks together draw
+# exactly the t and masks of one process with batch world x B, and each rank's t still spans [0, 1) evenly.
+# One process: rank 0 of 1, the plain draw.
+
+def sample_times(batch_size, generator=None, device="cpu", eps_t=1e-3, rank=0, world=1):
     """Stratified (antithetic) t over the batch: t_b = ((u + b/B) mod 1)(1 - eps_t) + eps_t, one u.
-    Lower variance than i.i.d. t (MDLM, 'low-discrepancy sampler')."""
-    rows, n = torch.arange(batch_size, device=device), batch_size  # (B,)
-    if _DATA_PARALLEL is not None:  # this rank's rows of the global batch
-        generator, rank, world = _DATA_PARALLEL
-        rows, n = rows * world + rank, batch_size * world
+    Lower variance than i.i.d. t (MDLM, 'low-discrepancy sampler'). rank, world: this process's rows
+    b = rank, rank + world, ... of a global batch of B = world x batch_size (above)."""
+    rows = torch.arange(batch_size, device=device) * world + rank  # (B,) this rank's rows of the global batch
     u = torch.rand(1, generator=generator, device=device)  # (1,)
-    offsets = rows / n  # (B,)
+    offsets = rows / (batch_size * world)  # (B,)
     return ((u + offsets) % 1) * (1 - eps_t) + eps_t  # (B,)
 
 
-def forward_mask(x, t, schedule, mask_id, generator=None):
-    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t."""
+def forward_mask(x, t, schedule, mask_id, generator=None, rank=0, world=1):
+    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t.
+    rank, world: x holds rows rank, rank + world, ... of the global batch; the uniforms are drawn for all
+    world x B rows and this rank keeps its own (above)."""
     p_mask = (1 - schedule.alpha(t))[:, None]  # (B, 1)
-    if _DATA_PARALLEL is None:
-        u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
-    else:  # this rank's rows of the global batch's draw
-        generator, rank, world = _DATA_PARALLEL
-        u = torch.rand((x.shape[0] * world, *x.shape[1:]), generator=generator, device=x.device)[rank::world]
+    u = torch.rand((x.shape[0] * world, *x.shape[1:]), generator=generator, device=x.device)[rank::world]  # (B, L)
     move = u < p_mask  # (B, L)
     return torch.where(move, torch.full_like(x, mask_id), x)
 
@@ -101,12 +132,12 @@ def nelbo_terms(logits, x, z, t, schedule, mask_id):
     return torch.where(z == mask_id, schedule.weight(t)[:, None] * nll, torch.zeros_like(nll))
 
 
-def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3):
+def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3, rank=0, world=1):
     """Continuous-time MDLM loss on a clean batch x (B, L): draw stratified t, mask, denoise.
     Returns (loss per token, t, z). The loss is an unbiased estimate of the per-token NELBO, which
-    bounds the NLL up to O(eps) (module docstring)."""
-    t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
+    bounds the NLL up to O(eps) (module docstring). rank, world: DDP (sample_times)."""
+    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
+    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
     terms = nelbo_terms(model(z), x, z, t, schedule, mask_id)  # (B, L)
     return terms.sum() / x.numel(), t, z
 

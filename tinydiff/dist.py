@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .common import UserError
+from .errors import UserError
 
 _ctl = None  # a gloo group for small CPU-side messages (stop?, barriers): no GPU sync, long timeout
 

@@ -1,4 +1,4 @@
-"""Evaluation functions used by train.py, eval.py and bench.py (design.md §8).
+"""Evaluation functions used by train.py, eval.py and bench.py (docs/evaluation.md).
 
 - val PPL: AR exact next-token NLL; MDLM the NELBO bound (Sahoo et al. 2024, eq. 10), both on the
   same held-out tokens (heldout_windows).
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .common import UserError
 from .data import FRAMINGS, frame, load_meta, val_windows
-from .diffusion import (LogLinearSchedule, bound_to_ppl, forward_mask, masked_log_probs, nelbo_terms, sample_times,
+from .diffusion import (bound_to_ppl, forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times,
                         val_bound_windows)
 
 
@@ -49,15 +49,16 @@ def ar_nll(model, val_x, batch_size=32, autocast=None):
     return ar_nll_windows(model, val_x, batch_size, autocast).mean().item()
 
 
-def val_metrics(model, kind, val_x, mask_id=None, draws=2, seed=0, batch_size=32, autocast=None):
+def val_metrics(model, kind, val_x, mask_id=None, draws=2, seed=0, batch_size=32, autocast=None, schedule=None):
     """{"val_loss", "val_loss_se", "val_ppl"}: AR exact NLL; MDLM the NELBO bound (an upper bound on its NLL),
     with `draws` t draws per window from `seed` (diffusion.val_bound_windows: the number does not depend on
-    batch_size). val_loss_se: the standard error of the mean over windows (None for one window).
+    batch_size), under the model's noise schedule (its checkpoint's: diffusion.get_schedule).
+    val_loss_se: the standard error of the mean over windows (None for one window).
     val_x: (N, L+1) windows for AR, (N, L) for MDLM (see val_window_len)."""
     if kind == "ar":
         per_window = ar_nll_windows(model, val_x, batch_size, autocast)  # (N,)
     else:
-        per_window = val_bound_windows(model, val_x, LogLinearSchedule(), mask_id, draws, seed, batch_size,
+        per_window = val_bound_windows(model, val_x, get_schedule(schedule), mask_id, draws, seed, batch_size,
                                        autocast=autocast)  # (N,)
     nats = per_window.mean().item()
     se = (per_window.std() / math.sqrt(len(per_window))).item() if len(per_window) > 1 else None
@@ -102,11 +103,9 @@ def heldout_windows(data_dir, kind, seq_len, max_tokens, framing="none"):
 # ----------------------------------------------------------------------------- generative perplexity, entropy
 
 def check_judge(jckpt, tok, retokenize, path):
-    """Validate a loaded judge checkpoint against the evaluated model's tokenizer `tok`.
-    Returns True when samples must be decoded and re-encoded for the judge. Raises UserError."""
-    if jckpt["kind"] != "ar":
-        raise UserError(f"judge {path} is a {jckpt['kind']} model: the judge must be an AR checkpoint "
-                        f"(train one with train.py --model ar)")
+    """Validate a loaded judge checkpoint (an AR model: load_checkpoint(kind="ar")) against the evaluated
+    model's tokenizer `tok`. Returns True when samples must be decoded and re-encoded for the judge. Raises
+    UserError."""
     name = jckpt["tokenizer"]["name"]
     if name == tok.name:
         return False
@@ -330,7 +329,7 @@ def read_lambada(path, limit=None):
             lines = [ln for ln in f if ln.strip()]
     except OSError as e:
         raise UserError(f"cannot read LAMBADA file {path} ({e.strerror}): give the OpenAI jsonl, "
-                        f"e.g. --lambada ../shared/data/lambada_test.jsonl") from None
+                        f"e.g. --lambada lambada_test.jsonl") from None
     passages = []
     for i, line in enumerate(lines[:limit] if limit else lines, 1):
         try:
@@ -387,8 +386,8 @@ def _lambada_inputs(tok, passages, kind, seq_len, framing="none"):
 
 @torch.no_grad()
 def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, autocast=None, device="cpu",
-            batch_size=32, framing=None):
-    """Last-word prediction on LAMBADA (design.md §8), passages = [(context, target)].
+            batch_size=32, framing=None, schedule=None):
+    """Last-word prediction on LAMBADA (docs/evaluation.md §4), passages = [(context, target)].
 
     framing (_lambada_inputs): "sdtt" frames every passage as SDTT evaluates it, [BOS] + context +
     target (+ [EOS], clamped, for the diffusion model); "none" feeds context + target alone. Default
@@ -398,8 +397,8 @@ def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, 
     MDLM: the input with every target token masked, one forward pass; correct iff the argmax (mask
         excluded) matches at every target position (SDTT's eval_lambada; MDLM's paper has no LAMBADA
         accuracy). Per-word NLL: the NELBO bound on -log p(target | the rest), diffusing only the
-        target positions (context and framing clamped), with `draws` stratified t values; those rows
-        go through the network with the accuracy row.
+        target positions (context and framing clamped), with `draws` stratified t values under the
+        model's noise schedule; those rows go through the network with the accuracy row.
     Contexts longer than the model allows are left-truncated (counted in "truncated"). Passages whose
     inputs have the same length share a forward pass (no padding: it would change what a
     bidirectional model sees); batch_size bounds the rows of one pass.
@@ -408,7 +407,7 @@ def lambada(model, kind, tok, passages, seq_len, mask_id=None, draws=8, seed=0, 
     """
     framing = lambada_framing(tok, framing)
     autocast = autocast or contextlib.nullcontext
-    schedule, gen = LogLinearSchedule(), torch.Generator(device=device).manual_seed(seed)
+    schedule, gen = get_schedule(schedule), torch.Generator(device=device).manual_seed(seed)
     inputs, truncated = _lambada_inputs(tok, passages, kind, seq_len, framing)
     by_len = {}
     for i, (ids, c, m) in enumerate(inputs):

@@ -49,7 +49,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .common import UserError
+from .errors import UserError
 
 GPT2_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 GPT2_TOKENIZER = {"name": "gpt2", "vocab_size": 50257, "eot_id": 50256}  # tiktoken's gpt2 = HF's GPT-2 ids
@@ -192,7 +192,7 @@ def _dit_settings(config, revision):
     (n_heads, model_length, ...) or SDTT's hydra config ({"model": {"n_heads", "length"}, ...})."""
     if config.get("time_conditioning"):
         raise UserError("this DiT conditions on the time (time_conditioning=true): tinydiff's transformer has no "
-                        "time input (design.md section 4), so it cannot be converted exactly")
+                        "time input (docs/mdlm.md §3), so it cannot be converted exactly")
     m = config["model"] if isinstance(config.get("model"), dict) else config
     if not m.get("n_heads"):
         raise UserError("config.json has no n_heads: not an MDLM DiT repository")

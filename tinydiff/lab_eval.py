@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import load_meta
-from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, nelbo_terms, sample_times
+from .diffusion import forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times
 from .lab import Lab, LabParams, OracleDenoiser, parse_spec
 
 
@@ -87,13 +87,14 @@ def lab_metrics(lab, samples, n_boot=200, seed=0):
 
 
 @torch.no_grad()
-def heldout_gap(model, kind, lab, val_x, mask_id=None, draws=4, seed=0, batch_size=32, autocast=None):
+def heldout_gap(model, kind, lab, val_x, mask_id=None, draws=4, seed=0, batch_size=32, autocast=None, schedule=None):
     """Paired, per held-out window (the (N, L) / (N, L+1) windows of tinydiff.evaluate.heldout_windows): the
     model's NLL per scored token (AR exact; MDLM the NELBO bound with `draws` stratified t draws) and the
-    TRUE NLL of the same scored tokens (AR: -log p(x_1..L | x_0), MDLM: -log p(x_1..L)). Returns the means,
+    TRUE NLL of the same scored tokens (AR: -log p(x_1..L | x_0), MDLM: -log p(x_1..L)); the MDLM's bound under
+    its noise schedule (its checkpoint's: diffusion.get_schedule). Returns the means,
     the gap model - true and its standard error over windows."""
     autocast = autocast or contextlib.nullcontext
-    gen, schedule, out = torch.Generator(device=val_x.device).manual_seed(seed), LogLinearSchedule(), []
+    gen, schedule, out = torch.Generator(device=val_x.device).manual_seed(seed), get_schedule(schedule), []
     for i in range(0, len(val_x), batch_size):
         x = val_x[i:i + batch_size]  # (b, L) or (b, L+1)
         if kind == "ar":

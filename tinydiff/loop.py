@@ -1,14 +1,15 @@
 """The one training loop, shared by train.py (MDLM / AR) and distill.py (SDTT / TCS).
 
-It is a function, not a class: the scripts build the model, the loss and the evaluation, and hand
-them here. The loop does AdamW with warm-up, gradient accumulation, clipping, EMA, periodic eval on
+It is a function, not a class: the scripts build the model, the loss, the evaluation, the batches
+and the checkpoint's description, and hand them here as arguments. The loop does AdamW with warm-up, gradient accumulation, clipping, EMA, periodic eval on
 fixed held-out windows, tqdm progress, atomic checkpoints and exact resume (optimizer, EMA, data
 order and every RNG state are in the checkpoint).
 
 Multi-GPU (launched by torchrun; tinydiff/dist.py): the model is wrapped in DDP, every rank draws the
 same global batch (batch_size x world rows) and keeps its rows rank, rank + world, ...; t and the
-masks are drawn for the global batch too (diffusion.data_parallel_noise). Each rank's loss is a mean
-over its rows and DDP averages the gradients, so a step equals one process with batch_size x world.
+masks are drawn for the global batch too (Noise: the loss passes rank and world to
+diffusion.sample_times/forward_mask). Each rank's loss is a mean over its rows and DDP averages the
+gradients, so a step equals one process with batch_size x world.
 Gradients are synchronised on the last micro-batch only (no_sync before). Rank 0 alone logs,
 evaluates and writes checkpoints.
 
@@ -23,20 +24,21 @@ a flag given on the command line must equal it, except the ones in RESUMABLE (re
 """
 import argparse
 import contextlib
+import copy
 import math
 import signal
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import dist
-from .common import EMA, UserError, save_checkpoint, write_error
-from .data import FRAMINGS, get_batch
+from .common import UserError, save_checkpoint, write_error
+from .data import FRAMINGS
 from .model import DROPOUT_SITES
-from .diffusion import data_parallel_noise
 from .lab import canonical_source
 from .samplers import sampler_flags
 
@@ -62,8 +64,9 @@ def add_run_args(p):
     p.add_argument("--tokenizer", default=None,
                    help="bytes (default, 257 ids) or gpt2 (tiktoken); --data lab has its own (labA, its letters + 2)")
     p.add_argument("--out_dir", default="out", help="where ckpt.pt is written")
-    p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total")
-    p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")
+    p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total (default %(default)s)")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="sequences per micro-batch (per process under torchrun; default %(default)s)")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per training window (default: the model's)")
@@ -74,18 +77,22 @@ def add_run_args(p):
     p.add_argument("--dropout_sites", default=None, choices=DROPOUT_SITES,
                    help="where dropout applies: all (embeddings, attention probabilities, residual branches) or "
                         "residual (the official DiT's); default: the loaded checkpoint's, else all")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW; default %(default)s)")
     p.add_argument("--min_lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
     p.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"],
                    help="after warm-up: constant (MDLM/SDTT) or cosine decay to --min_lr")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default %(default)s)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on matrices (MDLM: 0)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for eval/sampling (0 = off)")
-    p.add_argument("--eval_interval", type=int, default=250, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval_tokens", type=int, default=32768, help="held-out tokens for the periodic eval")
+    p.add_argument("--ema", type=float, default=0.999,
+                   help="EMA decay of the weights used for eval/sampling (0 = off; default %(default)s)")
+    p.add_argument("--eval_interval", type=int, default=250,
+                   help="evaluate every N steps (and at the end; default %(default)s)")
+    p.add_argument("--eval_tokens", type=int, default=32768,
+                   help="held-out tokens for the periodic eval (default %(default)s)")
     p.add_argument("--eval_draws", type=int, default=2, help="t draws per held-out window for the MDLM bound")
-    p.add_argument("--ckpt_interval", type=int, default=500, help="write OUT_DIR/ckpt.pt every N steps (and at the end)")
+    p.add_argument("--ckpt_interval", type=int, default=500,
+                   help="write OUT_DIR/ckpt.pt every N steps (and at the end; default %(default)s)")
     p.add_argument("--ckpt_minutes", type=float, default=0,
                    help="also write OUT_DIR/ckpt.pt every N minutes (0 = off); SIGTERM always writes one before exit")
     p.add_argument("--log_interval", type=int, default=10, help="refresh the progress bar every N steps (one host sync)")
@@ -121,6 +128,29 @@ def resume_args(args, ckpt, given, path):
                         f"give --max_iters {ckpt['iter']} or more")
 
 
+class EMA:
+    """Exponential moving average of the weights, kept in a second model so it can be evaluated as is.
+    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
+    by the random initialisation. The update is one fused foreach op: no host sync."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+
+    def state_dict(self):
+        return {"decay": self.decay, "updates": self.updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.decay, self.updates = sd["decay"], sd["updates"]
+        self.model.load_state_dict(sd["model"])
+
+
 class StopSignals:
     """SIGTERM (a scheduler's preemption) and Ctrl-C only ask the loop to stop after the current step, which it
     does after writing ckpt.pt; a second Ctrl-C aborts at once (KeyboardInterrupt: a save in progress is
@@ -139,6 +169,18 @@ class StopSignals:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class Noise(NamedTuple):
+    """The randomness of one training step, handed to the loss: loss_fn(fwd, x, noise).
+    gen draws t and the masks: give it with rank and world to diffusion.sample_times / forward_mask (or a loss
+    that calls them). Under DDP it is in the same state on every rank, which draws for the whole global batch
+    and keeps its own rows, so the step equals one process with batch world x B. own: a loss's other draws
+    (SDTT's teacher steps): this rank's own generator under DDP, gen itself in one process."""
+    gen: torch.Generator
+    rank: int = 0
+    world: int = 1
+    own: torch.Generator = None
 
 
 def data_source(value):
@@ -180,37 +222,40 @@ def set_rng_state(state, gens):
         g.set_state(state[name])
 
 
-def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=()):
-    """Run the optimisation.
+def train(model, loss_fn, evaluate, get_batch, window, args, *, device, autocast, use_compile, meta, resume=None,
+          on_step=None):
+    """Run the optimisation; everything it needs is an argument.
 
-    model: the raw (uncompiled) nn.Module being trained, on run["device"].
-    loss_fn(fwd, x, gen) -> (loss, logs): fwd is the (maybe compiled, maybe DDP) model; logs a dict of scalar
-    tensors; the loss is a mean over the rows of x (what DDP's gradient averaging assumes).
+    model: the raw (uncompiled) nn.Module being trained, on `device`.
+    loss_fn(fwd, x, noise) -> (loss, logs): fwd is the (maybe compiled, maybe DDP) model; noise the step's
+    generators (Noise); logs a dict of scalar tensors; the loss is a mean over the rows of x (what DDP's
+    gradient averaging assumes).
     evaluate(model) -> dict of floats (called on the EMA model if any, else the raw one; rank 0 only).
-    run: {"device", "autocast", "compile", "data_dir", "window"} (window = tokens per batch row), and
-    optionally "get_batch" (same signature as data.get_batch) to draw training batches another way.
-    ckpt_meta: what makes the checkpoint self-describing (config, kind, tokenizer, mask_id, args, ...);
-    it is read at every save, so a hook may update it (SDTT records the current sample_steps).
-    resume: a loaded checkpoint to continue from. hooks: callables h(it, state) run after each step on
-    every rank (state: model, ema, opt, checkpoint(path=None, **override)); a hook may return a dict
-    merged into every later checkpoint's "extra" (e.g. SDTT's round and teacher weights).
+    get_batch(n, generator, device) -> (n, window) int64 training windows, drawn with the CPU generator
+    (the same data order on any device); window: tokens per row. args: add_run_args' flags.
+    device, autocast, use_compile: common.setup_runtime's policy.
+    meta: what makes the checkpoint self-describing (config, kind, tokenizer, mask_id, schedule, args, ...),
+    written into every checkpoint as it is at that save: the script that owns it may change it between
+    steps (SDTT: the round's sample_steps and teacher).
+    resume: a loaded checkpoint to continue from.
+    on_step(it, save): called after every optimizer step on every rank, returns nothing; save(path,
+    **override) writes the state of this step to `path` with some top-level keys overridden (rank 0).
     Returns the summary dict for the JSON last line.
     """
-    device = run["device"]
     rank, world = dist.rank_world()
     ddp, rank0 = dist.active(), rank == 0
     opt = make_optimizer(model, args.lr, args.weight_decay, device)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     gens = {"data": torch.Generator().manual_seed(args.seed),  # CPU: same batches on any device
             "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
-    it, history, extra = 0, [], {}
+    it, history = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         if ema is not None and resume.get("ema"):
             ema.load_state_dict(resume["ema"])
         set_rng_state(resume["rng"], gens)
-        it, history, extra = resume["iter"], resume.get("history", []), resume.get("extra", {})
+        it, history = resume["iter"], resume.get("history", [])
         print(f"resumed from iter {it}")
         if resume.get("world_size", 1) != world:
             print(f"note: ckpt.pt was written by {resume.get('world_size', 1)} process(es), this run has {world}: "
@@ -219,12 +264,12 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
     # the per-rank randomness (dropout, a loss's other draws) comes from torch's RNG and rank_gen, seeded
     # from (seed, step, rank) at each step: different on every rank, exact on resume with no state to save.
     net = DDP(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None) if ddp else model
-    fwd = torch.compile(net) if run["compile"] else net
+    fwd = torch.compile(net) if use_compile else net
     rank_gen = torch.Generator(device=device) if ddp else None
-    batch_fn = run.get("get_batch", get_batch)
+    noise = Noise(gens["noise"], rank, world, rank_gen if ddp else gens["noise"])
     last_save, saved_iter = time.time(), (resume["iter"] if resume is not None else None)
 
-    def checkpoint(path=None, **override):
+    def save(path=None, **override):
         """Write the full state to OUT_DIR/ckpt.pt, or to `path` with some top-level keys overridden
         (SDTT's per-round files: their own sample_steps, no optimizer). Rank 0 only (no collective).
         A failed write (disk full, permissions) is a UserError that names the checkpoint still intact."""
@@ -233,9 +278,9 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             return
         target, main = path or f"{args.out_dir}/ckpt.pt", f"{args.out_dir}/ckpt.pt"
         try:
-            save_checkpoint({**ckpt_meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+            save_checkpoint({**meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
                              "optimizer": opt.state_dict(), "iter": it, "rng": rng_state(gens), "history": history,
-                             "extra": extra, "world_size": world, **override}, target)
+                             "world_size": world, **override}, target)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             bar.close()  # ends the progress line: the error line starts on a line of its own
             signals.restore()
@@ -247,7 +292,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
 
     signals = StopSignals()  # SIGTERM and Ctrl-C only set a flag; the loop stops at the end of the step
     model.train()
-    tokens_per_step = args.batch_size * world * args.grad_accum * run["window"]
+    tokens_per_step = args.batch_size * world * args.grad_accum * window
     print(f"global batch: {args.batch_size} x {args.grad_accum} (accumulation) x {world} (processes) = "
           f"{args.batch_size * args.grad_accum * world} sequences, {tokens_per_step} tokens per step")
     bar = tqdm(total=args.max_iters, initial=it, desc="train", dynamic_ncols=True, disable=not rank0)
@@ -263,13 +308,12 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         for micro in range(args.grad_accum):
             # the global batch (batch_size x world rows, the same on every rank); this rank keeps its rows,
             # cut on the CPU so only they are copied to the device
-            x = batch_fn(run["data_dir"], "train", args.batch_size * world, run["window"], gens["data"],
-                         "cpu" if ddp else device)[rank::world].to(device)  # (batch_size, window)
+            x = get_batch(args.batch_size * world, gens["data"], "cpu" if ddp else device)[rank::world]  # (B, W)
+            x = x.to(device)
             sync = contextlib.nullcontext() if not ddp or micro == args.grad_accum - 1 else net.no_sync()
-            noise = data_parallel_noise(gens["noise"], rank, world) if ddp else contextlib.nullcontext()
             with sync:  # DDP all-reduces the gradients in the backward of the last micro-batch only
-                with run["autocast"](), noise:
-                    loss, logs = loss_fn(fwd, x, rank_gen if ddp else gens["noise"])
+                with autocast():
+                    loss, logs = loss_fn(fwd, x, noise)
                 (loss / args.grad_accum).backward()
             micro_logs = torch.stack([loss.detach(), *logs.values()]) / args.grad_accum  # (1 + len(logs),)
             logged = micro_logs if logged is None else logged + micro_logs
@@ -280,11 +324,15 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
         if ema is not None:
             ema.update(model)
         it += 1
-        for hook in hooks:
-            extra.update(hook(it, {"model": model, "ema": ema, "opt": opt, "checkpoint": checkpoint}) or {})
-        stop = dist.agree(bool(signals.got))  # every rank stops after the same step (a CPU all-reduce)
+        if on_step is not None:
+            on_step(it, save)
+        stop = bool(signals.got)
+        if ddp:
+            stop = dist.agree(stop)  # every rank stops after the same step (a CPU all-reduce)
         if it % args.log_interval == 0 or it == args.max_iters:
-            train_loss, *values = dist.mean(logged).tolist()  # the one host sync, every log_interval steps
+            if ddp:
+                logged = dist.mean(logged)  # over the ranks
+            train_loss, *values = logged.tolist()  # the one host sync, every log_interval steps
             tok_s = (it - it_start) * tokens_per_step / (time.time() - t_start - eval_seconds)
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}",
                             **{k: f"{v:.4f}" for k, v in zip(logs, values)})
@@ -301,7 +349,7 @@ def train(model, loss_fn, evaluate, args, run, ckpt_meta, resume=None, hooks=())
             model.train()
         due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
         if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
-            checkpoint()
+            save()
         if stop and it < args.max_iters:
             bar.close()
             dist.barrier()  # rank 0 has written ckpt.pt

@@ -1,7 +1,7 @@
 """One transformer for both model kinds.
 
 causal=False: the bidirectional denoiser of a masked diffusion LM (MDLM). It does not take the
-time t as input: MDLM zeroes its DiT's time conditioning (design.md §4), so the network sees only
+time t as input: MDLM zeroes its DiT's time conditioning (docs/mdlm.md §3; MDLM Table 10), so the network sees only
 the noised tokens z_t and the mask tells it how noisy they are.
 causal=True: the autoregressive (AR) baseline, with a static KV cache for decoding.
 

@@ -1,4 +1,5 @@
-"""Samplers: the diffusion ancestral sampler (design.md §5) and the AR sampler with a static KV cache.
+"""Samplers: the diffusion ancestral sampler (docs/mdlm.md §6; MDLM eq. 7) and the AR sampler with a static
+KV cache.
 
 Both take any callable `model(tokens) -> logits (B, T, V)` and return (tokens, nfe), where nfe counts
 network evaluations. All random draws are float64: fp32 Gumbel noise truncates its tail, which
@@ -6,7 +7,7 @@ silently lowers the temperature (Zheng et al. 2024: MDLM 2048-step gen PPL 31 in
 """
 import torch
 
-from .diffusion import LogLinearSchedule
+from .diffusion import get_schedule
 
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -64,7 +65,7 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
     cache: the network ignores t, so if no token changed since the last forward pass its output is
     the same: reuse it (MDLM's ddpm_cache). This matters when steps >> seq_len.
     """
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)  # the model's (its checkpoint's); None: log-linear
     if init is None:
         x = torch.full((batch_size, seq_len), mask_id, dtype=torch.long, device=device)
     else:

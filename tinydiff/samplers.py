@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .common import UserError
-from .diffusion import LogLinearSchedule
+from .diffusion import get_schedule
 from .sampler import diffusion_sample, reveal_tokens, sample_tokens
 
 
@@ -156,7 +156,7 @@ def confidence(model, x, steps, mask_id, generator=None, *, gumbel=0.0, temperat
     replacement with weights p^(1/(g x anneal)). Ties go to the lower position.
     Cost: one forward pass per step that reveals anything (K when K <= L), draws at all masked
     positions each step ((n_masked, V) float64, in chunks)."""
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)
     x = x.clone()
     counts, active = reveal_counts(x == mask_id, steps, schedule, eps)  # (K, B)
     nfe = 0
@@ -266,7 +266,7 @@ def remdm(model, x, steps, mask_id, generator=None, *, remask="cap", eta=0.02, t
     re-masking acts as a corrector that can undo errors of earlier parallel reveals as steps grow.
     Cost: like ancestral, except a step that may re-mask (sigma > 0) counts as a change, so the next
     reveal needs a fresh forward pass (checking would cost a host sync): NFE ~ min(K, ...) + 1."""
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)
     plan = remdm_plan(steps, schedule, eps, remask, eta, t_on, t_off, alpha_on)
     x = x.clone()
     free = x == mask_id  # (B, L): clamped positions are never re-masked

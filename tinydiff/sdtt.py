@@ -1,4 +1,4 @@
-"""SDTT: Self-Distillation Through Time (Deschenaux & Gulcehre, ICLR 2025, arXiv 2410.21035), design.md §6.
+"""SDTT: Self-Distillation Through Time (Deschenaux & Gulcehre, ICLR 2025, arXiv 2410.21035), docs/sdtt.md.
 
 A round teaches the student to do in ONE step of size 2Δ what the teacher does in TWO ancestral
 steps of size Δ = 1/K_teacher. The student starts as a copy of the teacher; at the end of a round
@@ -58,7 +58,7 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
 
 def divergence(student_logp, target_logp, masked, kind, mask_id):
     """Mean over the masked positions of the batch of a divergence between the student's and the
-    target's distributions (design.md §6; no 1/t weight). Computed in float32 or wider.
+    target's distributions (docs/sdtt.md §3; no 1/t weight). Computed in float32 or wider.
 
     student_logp, target_logp: (B, L, V) log-probs; masked: (B, L) bool, the positions masked in z_t.
     kind: kl_bwd = KL(student ‖ target) (the paper's default and winner), kl_fwd = KL(target ‖ student),
@@ -92,12 +92,15 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
 
 
 def sdtt_loss(student, teacher, x, teacher_steps, n_steps, mask_id, schedule, generator=None, kind="kl_bwd",
-              eps_t=1e-3):
+              eps_t=1e-3, rank=0, world=1, teacher_generator=None):
     """One SDTT training loss on a clean batch x (B, L): noise the data (stratified t, as MDLM
     training), build the teacher targets with Δ = 1/teacher_steps, and score the student's one
-    forward pass on z_t against them. Returns (loss, t, z_t)."""
-    t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
-    target = sdtt_targets(teacher, z, t, n_steps, 1.0 / teacher_steps, mask_id, schedule, generator)  # (B, L, V)
+    forward pass on z_t against them. Returns (loss, t, z_t).
+    generator draws t and the masks (rank, world: DDP, diffusion.sample_times); teacher_generator the
+    teacher steps' draws (default: generator; under DDP, one of this rank's own)."""
+    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
+    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
+    target = sdtt_targets(teacher, z, t, n_steps, 1.0 / teacher_steps, mask_id, schedule,
+                          teacher_generator or generator)  # (B, L, V)
     logp = masked_log_probs(student(z), mask_id)  # (B, L, V) fp32
     return divergence(logp, target, z == mask_id, kind, mask_id), t, z

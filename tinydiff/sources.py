@@ -105,7 +105,7 @@ def _download_shakespeare(root):
                 data = r.read()
         except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
             raise DataError(f"could not download tiny shakespeare ({e}): you seem to be offline; pass a local copy "
-                            f"as a path instead, e.g. --data /work/shared/data/tinyshakespeare.txt") from None
+                            f"as a path instead, e.g. --data path/to/tinyshakespeare.txt") from None
         commit_files({raw: data})
     return raw
 

@@ -1,4 +1,4 @@
-"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (design.md §7).
+"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (docs/tcs.md).
 
 Target Concrete Score distillation ("Distilled Diffusion Language Models", ICLR 2025 submission;
 published as "Target Concrete Score Matching", Zhang et al., ICML 2025). There is no public code;
@@ -26,7 +26,7 @@ here": near the start of a window that is usually mid-document, the teacher's pr
 toward document-start statistics (the suffix terms of later positions correct most of it). The
 window needs L <= the teacher's context.
 
-Loss (design.md §7), at masked positions, with the NELBO's weight w(t) = 1/t:
+Loss, at masked positions, with the NELBO's weight w(t) = 1/t (MDLM, Sahoo et al. 2024, eq. 10):
     L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v pi_i(v) (-log p_theta(v | z_t))
 i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam pi_i; pi = onehot(x) gives the MDLM
 loss exactly. For fixed z_t the minimiser is E[pi_i | z_t] = p(x_i | z_t) when the teacher is the data
@@ -43,7 +43,7 @@ import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
 from .data import DataError, _open_split, windows_at
-from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
+from .diffusion import forward_mask, get_schedule, masked_log_probs, sample_times
 from .model import Transformer
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
@@ -150,7 +150,7 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
 
 
 def grad_suffix(teacher, x, bos_id):
-    """First-order suffix scores (design.md §7, `grad`). Returns (prefix, delta), both (B, L, V):
+    """First-order suffix scores (`grad`). Returns (prefix, delta), both (B, L, V):
     prefix[b, i, v] = log p_AR(v | x_<i) and delta[b, i, v] ~ S_i(v) - S_i(x_i) = (e_v - e_{x_i}) . g_i.
 
     x_i enters the teacher only as the input embedding at position i+1, which feeds the predictions
@@ -227,21 +227,21 @@ def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     tcs   = w(t) [z_i = m] sum_v pi_i(v) (-log p_theta(v | z_t))      (soft-target cross-entropy),
     mixed = (1 - lam) nelbo + lam tcs. The targets never put mass on the student's [MASK] id (it is
     not a teacher token), whose log-prob is -inf under SUBS."""
-    schedule = schedule or LogLinearSchedule()
+    schedule = get_schedule(schedule)
     logp_s = masked_log_probs(logits, mask_id)  # (B, L, V+1), -inf at the mask id
-    w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): 1/t at masked positions, else 0
+    w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): w(t) (log-linear: 1/t) at masked positions, else 0
     nelbo = w * -logp_s.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
     tcs = w * -(logp.exp().to(logp_s.dtype) * logp_s.gather(-1, ids)).sum(-1)  # (B, L)
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
-def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, eps_t=1e-3):
+def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, eps_t=1e-3, rank=0, world=1):
     """The training loss on a clean batch x (B, L) with its targets: draws t and z_t exactly as
-    diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM).
+    diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM; rank, world: DDP).
     Returns (loss per token, logs) where logs hold the data-only NELBO and the TCS term."""
-    schedule = schedule or LogLinearSchedule()
-    t = sample_times(x.shape[0], generator, x.device, eps_t)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator)  # (B, L)
+    schedule = get_schedule(schedule)
+    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
+    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
     mixed, nelbo, tcs = tcs_terms(model(z), x, z, t, ids, logp, mask_id, lam, schedule)
     n = x.numel()
     return mixed.sum() / n, {"nelbo": nelbo.detach().sum() / n, "tcs": tcs.detach().sum() / n}
@@ -314,40 +314,31 @@ def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu
 
 # ----------------------------------------------------------------------------- distill.py plumbing
 
-def _add(parser, flag, **kw):
-    """Add a flag unless the script already defines it (--teacher is shared with SDTT)."""
-    if flag not in parser._option_string_actions:
-        parser.add_argument(flag, **kw)
-
-
 def add_tcs_args(parser):
-    """The flags of distill.py --method tcs."""
-    _add(parser, "--teacher", default=None, help="teacher checkpoint (TCS: an AR model from train.py --model ar)")
-    _add(parser, "--init", default="scratch",
-         help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
-              "or an MDLM checkpoint to fine-tune")
-    _add(parser, "--estimator", default="topk", choices=list(ESTIMATORS),
-         help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
-              "grad (first order), topk (exact rescoring of K candidates)")
-    _add(parser, "--topk", type=int, default=16,
-         help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
-    _add(parser, "--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
-    _add(parser, "--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
-    _add(parser, "--tcs_lambda", type=float, default=1.0,
-         help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
-    _add(parser, "--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
-    _add(parser, "--teacher_elems", type=int, default=0,
-         help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
+    """The flags of distill.py --method tcs (--teacher, shared with SDTT, is distill.py's)."""
+    add = parser.add_argument
+    add("--init", default="scratch",
+        help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
+             "or an MDLM checkpoint to fine-tune")
+    add("--estimator", default="topk", choices=list(ESTIMATORS),
+        help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
+             "grad (first order), topk (exact rescoring of K candidates)")
+    add("--topk", type=int, default=16,
+        help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
+    add("--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
+    add("--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
+    add("--tcs_lambda", type=float, default=1.0,
+        help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
+    add("--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
+    add("--teacher_elems", type=int, default=0,
+        help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
     for flag, what in (("--n_layer", "blocks"), ("--n_head", "heads"), ("--n_embd", "width")):
-        _add(parser, flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
+        add(flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
 
 
 def load_teacher(path, tokenizer_name, student_vocab, window, device):
     """Load the AR teacher (EMA weights when present), refusing anything that cannot teach this student."""
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "ar":
-        raise UserError(f"--teacher {path} is a {ckpt['kind']} model: TCS needs an AR teacher "
-                        f"(train one with train.py --model ar)")
+    ckpt = load_checkpoint(path, kind="ar", what=f"--teacher {path} of TCS")
     check_tokenizers(ckpt["tokenizer"], tokenizer_name, student_vocab, path)
     if ckpt["config"]["seq_len"] < window:
         raise UserError(f"TCS window {window} is longer than the teacher's context {ckpt['config']['seq_len']}: "
@@ -365,14 +356,16 @@ def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher
                         f"--tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer {tokenizer_name}")
 
 
-def build_tcs(args, student, device, run):
-    """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
-    Sets run["get_batch"] = grid_batch so a loop that honours it draws chunk-aligned windows."""
+def build_tcs(args, student, device, data_dir, window, schedule=None):
+    """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, stats, meta_extra).
+    get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch), so
+    a window's targets are computed once and then served by the cache; stats() -> the cache's counters for
+    the checkpoint (None without a cache); schedule: the student's noise schedule (None: log-linear)."""
     mask_id = student.cfg.vocab_size - 1
-    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, run["window"], device)
+    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, window, device)
     bos_id = ckpt["tokenizer"]["eot_id"]
-    if args.estimator == "exact" and run["window"] * ckpt["config"]["vocab_size"] > 1e5:
-        print(f"warning: exact TCS targets rescore {run['window']} x {ckpt['config']['vocab_size']} sequences "
+    if args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
+        print(f"warning: exact TCS targets rescore {window} x {ckpt['config']['vocab_size']} sequences "
               f"per window: use --estimator topk for anything but tiny settings")
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
 
@@ -382,16 +375,19 @@ def build_tcs(args, student, device, run):
         return tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window, args.candidates, max_elems)
 
     cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
-    run["get_batch"] = grid_batch
 
-    def loss_fn(fwd, x, gen):
+    def get_batch(n, generator, device):  # (n, window) chunk-aligned training windows
+        return grid_batch(data_dir, "train", n, window, generator, device)
+
+    def loss_fn(fwd, x, noise):  # noise: this step's draws (loop.Noise)
         ids, logp = cache(x)  # (B, L, K') each, no gradient
-        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, gen)
+        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, noise.gen, schedule, rank=noise.rank,
+                        world=noise.world)
 
-    def cache_hook(it, state):
-        return {"tcs_cache": cache.stats()} if isinstance(cache, TargetCache) else None
+    def stats():
+        return cache.stats() if isinstance(cache, TargetCache) else None
 
     meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
                           "estimator": args.estimator, "topk": args.topk, "window": args.window,
-                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": run["window"]}}
-    return loss_fn, (cache_hook,), meta_extra
+                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": window}}
+    return loss_fn, get_batch, stats, meta_extra
