@@ -1,4 +1,4 @@
-"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (design.md §7).
+"""TCS: distil an autoregressive (AR) teacher into a masked diffusion student (docs/tcs.md).
 
 Target Concrete Score distillation ("Distilled Diffusion Language Models", ICLR 2025 submission;
 published as "Target Concrete Score Matching", Zhang et al., ICML 2025). There is no public code;
@@ -15,9 +15,33 @@ neither t nor the mask pattern, so it is computed once per training window and c
   grad    first order (Gibbs-with-Gradients): S_i(v) - S_i(x_i) ~ (e_v - e_{x_i}) . g_i with
           g_i = d S_i / d e_i, the gradient of the suffix log-likelihood w.r.t. the input embedding of
           x_i; one forward + one backward gives every i, one (L x d)(d x V) matmul every v.
-  topk    candidates = top-K of grad (or prefix) plus x_i; exact S_i for those (optionally over a
-          suffix window of W tokens), renormalised over the candidates. K = |V|, no window: exact.
-Targets are stored sparse: ids (B, L, K') and log-probs (B, L, K').
+  topk    exact S_i (optionally over a suffix window of W tokens) for K candidates: the top K of the
+          prefix distribution (default) or of grad. K = |V|, no window: exact.
+All teacher work runs in fp32 with autocast off, whatever the training loop's dtype (a bf16 sum of
+W log-probs per candidate is off by several percent of the target).
+
+Sparse targets, unbiased. Targets are stored as ids (B, L, K+1) and log-probs (B, L, K+1): K ids
+plus one slot, -inf log-prob for an empty slot. The student's optimum at a masked position is
+E[tau_i | z_t] (tau_i = the stored target), and z_t (position i masked) is a function of x_{!=i} and
+the mask pattern only, so E[tau_i | z_t] = E[ E[tau_i | x_{!=i}] | z_t ]: a sparse target whose mean
+given x_{!=i} is the dense target q_i has exactly the dense target's optimum. Two schemes do that:
+  (S) tail sample, for exact/prefix/grad (the whole q_i is known): keep q_i on T = its top K, not
+      renormalised, and put the rest, 1 - q_i(T), on ONE token v* ~ q_i outside T.
+      Proof: E_v*[tau_i] = q_T + (1 - q(T)) q_{not T} / (1 - q(T)) = q_i, for every x, so it holds
+      whatever T depends on and whatever the data distribution is. v* is drawn by inverse CDF from a
+      uniform of a generator seeded with the window's tokens (tail_uniforms): a window always gets
+      the same targets (cacheable, reproducible), different windows independent draws.
+  (B) label fallback, for topk (its exact scores exist on the candidates only: the normaliser over
+      V is unknown, so q(T) is too): T chosen without looking at x_i (the top K of p_AR(. | x_<i));
+      store pi renormalised on T when x_i is in T, the one-hot label when it is not.
+      Proof (x_i ~ pi_i given x_{!=i}, teacher = data): E[tau_i | x_{!=i}] = pi(T) pi_T / pi(T)
+      + sum_{u not in T} pi(u) e_u = pi_i. When teacher and data differ, the tail follows the data.
+      With --candidates grad, T depends on x_i (the gradient is taken at the data sequence), so (B)
+      is not exactly unbiased: docs/tcs.md measures the residual on the harness; prefix is the default.
+The old scheme (top K with x_i forced in, renormalised) is biased: the set depends on the label, so
+a token outside the top K gets E[tau(v)] ~ pi(v)^2 / (M + pi(v)) instead of pi(v) (M = top-K mass).
+Variance: (S) adds (1 - M)^2 (1 - sum_v r_v^2) per position (r = the renormalised tail), (B) falls
+back to the label with probability 1 - M; at K = 1, (B) is the label itself.
 
 Teacher input. Position 0 needs a context for log p_AR(x_0): the teacher reads the eot token as a
 BOS prefix, (eot, x_0, ..., x_{L-2}) -> predictions of (x_0, ..., x_{L-1}). The AR models here are
@@ -26,19 +50,22 @@ here": near the start of a window that is usually mid-document, the teacher's pr
 toward document-start statistics (the suffix terms of later positions correct most of it). The
 window needs L <= the teacher's context.
 
-Loss (design.md §7), at masked positions, with the NELBO's weight w(t) = 1/t:
-    L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v pi_i(v) (-log p_theta(v | z_t))
-i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam pi_i; pi = onehot(x) gives the MDLM
-loss exactly. For fixed z_t the minimiser is E[pi_i | z_t] = p(x_i | z_t) when the teacher is the data
-distribution: a Rao-Blackwellised, lower-variance version of the one-hot label.
+Loss, at masked positions, with the NELBO's weight w(t) = 1/t (MDLM, Sahoo et al. 2024, eq. 10):
+    L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v tau_i(v) (-log p_theta(v | z_t))
+i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam tau_i; tau = onehot(x) gives the MDLM
+loss exactly. For fixed z_t the minimiser is E[tau_i | z_t] = p(x_i | z_t) when the teacher is the
+data distribution: a Rao-Blackwellised, lower-variance version of the one-hot label.
 
 Cache. Targets depend only on the window, so windows are drawn on a fixed chunk grid over train.bin
-(offsets k*L, `grid_batch`) and each chunk's targets are kept in memory: the teacher work for a chunk
-is done once however many epochs the run makes. Windows that are not on the grid still work (a
-cache miss each time).
+(offsets k*L, `grid_batch`): in memory (TargetCache, the teacher work for a chunk is done once per
+run) or on disk for a fixed set of windows (tinydiff/tcs_cache.py: once across runs, lambdas, seeds
+and students).
 """
+import contextlib
+import hashlib
 import time
 
+import numpy as np
 import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
@@ -150,7 +177,7 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
 
 
 def grad_suffix(teacher, x, bos_id):
-    """First-order suffix scores (design.md §7, `grad`). Returns (prefix, delta), both (B, L, V):
+    """First-order suffix scores (`grad`). Returns (prefix, delta), both (B, L, V):
     prefix[b, i, v] = log p_AR(v | x_<i) and delta[b, i, v] ~ S_i(v) - S_i(x_i) = (e_v - e_{x_i}) . g_i.
 
     x_i enters the teacher only as the input embedding at position i+1, which feeds the predictions
@@ -174,49 +201,116 @@ def grad_suffix(teacher, x, bos_id):
     return _log_softmax(logits.detach()), delta
 
 
-def candidate_ids(score, x, k):
-    """The k best-scoring ids plus the true token: top-(k+1) with x_i forced in, so the set always
-    contains top-k U {x_i} (one spare slot when x_i is already in the top k). score (B, L, V) -> (B, L, K')."""
-    V = score.shape[-1]
-    if k <= 0 or k + 1 >= V:
-        return torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V): everything
-    forced = score.scatter(-1, x[..., None], float("inf"))  # (B, L, V)
-    return forced.topk(k + 1, dim=-1).indices  # (B, L, k+1)
+def prefix_log_probs(teacher, x, bos_id):
+    """log p_AR(v | x_<i) for every position, (B, L, V): one teacher forward."""
+    return _log_softmax(teacher(ar_inputs(x, bos_id)))
+
+
+def dense_targets(teacher, x, bos_id, estimator, max_elems=2 ** 24):
+    """The whole target distribution log q_i(v), (B, L, V), of estimator exact, prefix or grad."""
+    if estimator == "prefix":
+        return prefix_log_probs(teacher, x, bos_id)
+    if estimator == "grad":
+        prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
+        return (prefix + delta).log_softmax(-1)
+    if estimator == "exact":
+        V = prefix_log_probs(teacher, x[:1], bos_id).shape[-1]  # the teacher's vocabulary
+        return rescore(teacher, x, all_ids(x, V), bos_id, V, None, max_elems).log_softmax(-1)
+    raise ValueError(f"no dense distribution for estimator {estimator!r}")
+
+
+def all_ids(x, V):
+    return torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V)
+
+
+def tail_uniforms(x):
+    """One uniform in (0, 1] per position, (B, L) float64 on x's device, from a CPU generator seeded with
+    a hash of the window's tokens: the same window always draws the same tail tokens, on any device."""
+    u = torch.empty(x.shape, dtype=torch.float64)
+    for b, row in enumerate(x.cpu().numpy().astype(np.int64)):
+        seed = int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+        u[b] = 1 - torch.rand(x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return u.to(x.device)
+
+
+def tail_sample(logq, k, u):
+    """Scheme (S) (module docstring): the dense targets log q (B, L, V) -> sparse (ids, logp), each
+    (B, L, k+1): q on its top k (not renormalised) and the tail mass on one token v* drawn from q
+    restricted to the other ids, by inverse CDF at u (B, L) in (0, 1]. E over u of the stored target
+    is q exactly. k <= 0 or k >= V: everything, (ids = arange(V), logq)."""
+    B, L, V = logq.shape
+    if k <= 0 or k >= V:
+        return all_ids(logq[..., 0], V), logq
+    head = logq.topk(k, dim=-1)  # values/indices (B, L, k)
+    tail_ids, tail_logp = [], []
+    rows = max(1, 2 ** 24 // (L * V))  # windows at a time: the fp64 CDF stays below 2^24 entries
+    for s in range(0, B, rows):
+        tail = logq[s:s + rows].double().exp().scatter(-1, head.indices[s:s + rows], 0.0)  # (b, L, V): q outside T
+        cdf = tail.cumsum(-1)  # (b, L, V), fp64: the sampling needs it
+        mass = cdf[..., -1:]  # (b, L, 1) = 1 - q(T), summed so that the stored target sums to sum q
+        # the first id whose CDF reaches u * mass: u > 0, so an id of positive tail probability
+        tail_ids.append(torch.searchsorted(cdf, u[s:s + rows, :, None].to(cdf.dtype) * mass).clamp_max(V - 1))
+        tail_logp.append(mass.log().to(logq.dtype))  # (b, L, 1); -inf when T holds all the mass
+    return torch.cat([head.indices, torch.cat(tail_ids)], -1), torch.cat([head.values, torch.cat(tail_logp)], -1)
+
+
+def label_fallback(scores, cand, x):
+    """Scheme (B) (module docstring): exact unnormalised scores (B, L, K) of candidates cand (B, L, K)
+    that were chosen without looking at x_i -> (ids, logp), each (B, L, K+1): the scores renormalised
+    on the candidates when x_i is one of them (last slot empty), else the one-hot label in the last slot."""
+    inside = (cand == x[..., None]).any(-1, keepdim=True)  # (B, L, 1)
+    neg_inf = torch.full_like(scores[..., :1], float("-inf"))  # (B, L, 1)
+    head = torch.where(inside, scores.log_softmax(-1), neg_inf)  # (B, L, K)
+    label = torch.where(inside, neg_inf, torch.zeros_like(neg_inf))  # (B, L, 1)
+    return torch.cat([cand, x[..., None]], -1), torch.cat([head, label], -1)
+
+
+def _fp32(device):
+    """Autocast off (on the device and the CPU): the teacher's scores are summed and sampled in fp32."""
+    stack = contextlib.ExitStack()
+    for kind in {torch.device(device).type, "cpu"}:
+        if kind in ("cpu", "cuda", "mps", "xpu"):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
 
 
 @torch.no_grad()
-def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, candidates="grad", max_elems=2 ** 24):
-    """Sparse TCS targets for clean windows x (B, L): (ids (B, L, K') int64, logp (B, L, K')), where
-    logp are log pi_i over the stored ids (they sum to one in probability).
+def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, candidates="prefix", max_elems=2 ** 24,
+                u=None):
+    """Sparse, unbiased TCS targets for clean windows x (B, L): (ids (B, L, K') int64, logp (B, L, K') fp32+),
+    K' = topk + 1, or |V| when topk <= 0 or >= |V| (everything, exact for `exact`/`topk`).
 
-    exact/prefix/grad compute the whole distribution and keep the top `topk` ids plus x_i,
-    renormalised (topk <= 0 or >= |V| - 1: keep all |V|, ids = arange). topk rescores the top `topk`
-    candidates of `candidates` (grad or prefix) plus x_i exactly, over a suffix window `window`.
+    exact/prefix/grad: the whole distribution, stored by scheme (S) with tail uniforms u (B, L)
+    (default: seeded by each window's tokens, tail_uniforms). topk: the top `topk` candidates of
+    `candidates` (prefix: independent of x_i, exactly unbiased; grad: see the module docstring),
+    rescored exactly over a suffix window `window` (None: all), stored by scheme (B). Runs in fp32
+    with autocast off.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown TCS estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if estimator == "grad" or (estimator == "topk" and candidates == "grad"):
-        prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
-        proposal = prefix + delta
-    else:
-        prefix = _log_softmax(teacher(ar_inputs(x, bos_id)))  # (B, L, V)
-        proposal = prefix
-    V = prefix.shape[-1]
-    if estimator in ("prefix", "grad"):
-        full = proposal.log_softmax(-1)  # (B, L, V)
-    elif estimator == "exact":
-        ids = torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V)
-        full = rescore(teacher, x, ids, bos_id, V, None, max_elems).log_softmax(-1)
-    else:  # topk: exact scores of the candidates only
-        ids = candidate_ids(proposal, x, topk)  # (B, L, K')
-        return ids, rescore(teacher, x, ids, bos_id, V, window, max_elems).log_softmax(-1)
-    ids = candidate_ids(full, x, topk)  # (B, L, K') sparse storage
-    return ids, full.gather(-1, ids).log_softmax(-1)
+    with _fp32(x.device):
+        if estimator != "topk":
+            logq = dense_targets(teacher, x, bos_id, estimator, max_elems)  # (B, L, V)
+            return tail_sample(logq, topk, tail_uniforms(x) if u is None else u)
+        if candidates == "grad":
+            prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
+            proposal = prefix + delta
+        elif candidates == "prefix":
+            proposal = prefix_log_probs(teacher, x, bos_id)  # (B, L, V): depends on x_<i only
+        else:
+            raise ValueError(f"unknown candidates {candidates!r}: choose prefix or grad")
+        V = proposal.shape[-1]
+        if topk <= 0 or topk >= V:  # every id is a candidate: the exact distribution (over the window)
+            ids = all_ids(x, V)
+            return ids, rescore(teacher, x, ids, bos_id, V, window, max_elems).log_softmax(-1)
+        cand = proposal.topk(topk, dim=-1).indices  # (B, L, K)
+        return label_fallback(rescore(teacher, x, cand, bos_id, V, window, max_elems), cand, x)
 
 
 def to_dense(ids, logp, vocab_size):
-    """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids."""
-    return torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device).scatter_(-1, ids, logp.exp())
+    """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids (a repeated id's
+    slots add up: an empty slot may repeat an id)."""
+    return torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device).scatter_add_(-1, ids, logp.exp())
 
 
 # ----------------------------------------------------------------------------- loss
@@ -224,14 +318,16 @@ def to_dense(ids, logp, vocab_size):
 def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     """Per-position loss integrands, each (B, L): (mixed, nelbo, tcs) with
     nelbo = w(t) [z_i = m] (-log p_theta(x_i | z_t))                  (diffusion.nelbo_terms),
-    tcs   = w(t) [z_i = m] sum_v pi_i(v) (-log p_theta(v | z_t))      (soft-target cross-entropy),
-    mixed = (1 - lam) nelbo + lam tcs. The targets never put mass on the student's [MASK] id (it is
-    not a teacher token), whose log-prob is -inf under SUBS."""
+    tcs   = w(t) [z_i = m] sum_k tau_i(k) (-log p_theta(ids_k | z_t))  (soft-target cross-entropy),
+    mixed = (1 - lam) nelbo + lam tcs. The sparse target tau = exp(logp) need not be renormalised over
+    ids (scheme (S) is not), ids may repeat and empty slots have logp = -inf (no mass, no NaN). The
+    targets never put mass on the student's [MASK] id (not a teacher token; -inf under SUBS)."""
     schedule = schedule or LogLinearSchedule()
     logp_s = masked_log_probs(logits, mask_id)  # (B, L, V+1), -inf at the mask id
     w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): 1/t at masked positions, else 0
     nelbo = w * -logp_s.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
-    tcs = w * -(logp.exp().to(logp_s.dtype) * logp_s.gather(-1, ids)).sum(-1)  # (B, L)
+    p = logp.exp().to(logp_s.dtype)  # (B, L, K')
+    tcs = w * -torch.where(p > 0, p * logp_s.gather(-1, ids), torch.zeros_like(p)).sum(-1)  # (B, L)
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
@@ -330,9 +426,12 @@ def add_tcs_args(parser):
          help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
               "grad (first order), topk (exact rescoring of K candidates)")
     _add(parser, "--topk", type=int, default=16,
-         help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
+         help="TCS: K ids stored per position (topk: candidates rescored), plus one slot that keeps the targets "
+              "unbiased (the label when it is not a candidate / one tail token with the rest of the mass); 0 = all")
     _add(parser, "--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
-    _add(parser, "--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
+    _add(parser, "--candidates", default="prefix", choices=["prefix", "grad"],
+         help="TCS topk: candidates = the top K of the prefix distribution p(. | x_<i) (default: independent of "
+              "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: slightly biased, see docs/tcs.md)")
     _add(parser, "--tcs_lambda", type=float, default=1.0,
          help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
     _add(parser, "--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
