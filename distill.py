@@ -21,8 +21,9 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
         --warmup 500 --ema 0.9999 --eval_interval 10000 --ckpt_interval 1000
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
 
---method tcs (Target Concrete Score distillation from an AR teacher; design.md §7) lives in
-tinydiff/tcs.py; its flags are listed by --help.
+--method tcs (Target Concrete Score distillation from an AR teacher; docs/tcs.md) lives in
+tinydiff/tcs.py; its flags are listed by --help. With --tcs_windows N the student trains on N fixed
+windows whose targets are computed once to disk (--precompute_only computes them without training).
 """
 import argparse
 import copy
@@ -203,6 +204,9 @@ def main():
         loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
         hooks += list(tcs_hooks)
         meta.update(meta_extra)
+        if args.precompute_only:  # the --tcs_windows targets are on disk now: no training
+            emit({"method": "tcs", "precompute_only": True, **meta_extra["tcs"], "cache": tcs_hooks[0](0, {})})
+            return
     summary = train(student, loss_fn, evaluate, args, run, meta, resume, hooks)
 
     # one sample from the final weights at the step count the checkpoint records

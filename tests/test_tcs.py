@@ -16,8 +16,9 @@ from harness import OracleAR, OracleDenoiser, Toy, ar_toy, exact_nelbo
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.tcs import (TargetCache, add_tcs_args, build_tcs, check_tokenizers, dense_targets, grad_suffix,
-                          grid_batch, rescore, tail_sample, tail_uniforms, tcs_loss, tcs_targets, tcs_terms, to_dense)
+from tinydiff.tcs import (add_tcs_args, build_tcs, check_tokenizers, dense_targets, grad_suffix, rescore, tail_sample,
+                          tail_uniforms, tcs_loss, tcs_targets, tcs_terms, to_dense)
+from tinydiff.tcs_cache import TargetCache, grid_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -62,16 +62,18 @@ run) or on disk for a fixed set of windows (tinydiff/tcs_cache.py: once across r
 and students).
 """
 import contextlib
+import functools
 import hashlib
-import time
+import os
 
 import numpy as np
 import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import DataError, _open_split, windows_at
+from .data import _open_split, windows_at
 from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
 from .model import Transformer
+from .tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, tensor_hash
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
 
@@ -343,71 +345,6 @@ def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, e
     return mixed.sum() / n, {"nelbo": nelbo.detach().sum() / n, "tcs": tcs.detach().sum() / n}
 
 
-# ----------------------------------------------------------------------------- cache and chunk grid
-
-class TargetCache:
-    """Sparse targets of every window seen, keyed by its tokens (so the key is the chunk), on the CPU.
-    Stops adding (but keeps serving) once max_bytes is reached."""
-
-    def __init__(self, compute, max_bytes=1 << 30):
-        self.compute, self.max_bytes = compute, max_bytes
-        self.store, self.nbytes, self.hits, self.misses, self.seconds = {}, 0, 0, 0, 0.0
-
-    def __call__(self, x):
-        """x (B, L) -> (ids (B, L, K'), logp (B, L, K')) on x's device; computes only the misses."""
-        keys = [r.tobytes() for r in x.cpu().numpy()]
-        miss = [b for b, k in enumerate(keys) if k not in self.store]
-        hit = [b for b, k in enumerate(keys) if k in self.store]
-        self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
-        if not miss:
-            return self._stack([keys[b] for b in hit], x.device)
-        ids, logp = self._compute(x[miss])  # (b, L, K') each, b = #misses
-        self._keep([keys[b] for b in miss], ids, logp)
-        if not hit:
-            return ids, logp
-        cached_ids, cached_logp = self._stack([keys[b] for b in hit], x.device)
-        out_ids = torch.empty((len(keys),) + ids.shape[1:], dtype=torch.long, device=x.device)  # (B, L, K')
-        out_logp = torch.empty((len(keys),) + logp.shape[1:], dtype=logp.dtype, device=x.device)  # (B, L, K')
-        out_ids[miss], out_logp[miss] = ids, logp
-        out_ids[hit], out_logp[hit] = cached_ids, cached_logp
-        return out_ids, out_logp
-
-    def _stack(self, keys, device):
-        ids = torch.stack([self.store[k][0] for k in keys]).to(device, torch.long)  # (b, L, K')
-        logp = torch.stack([self.store[k][1] for k in keys]).to(device)  # (b, L, K')
-        return ids, logp
-
-    def _compute(self, x):
-        t0 = time.perf_counter()
-        out = self.compute(x)
-        self.seconds += time.perf_counter() - t0
-        return out
-
-    def _keep(self, keys, ids, logp):
-        ids_c, logp_c = ids.to("cpu", torch.int32), logp.cpu()
-        for k, i, lp in zip(keys, ids_c, logp_c):
-            size = i.numel() * 4 + lp.numel() * lp.element_size()
-            if self.nbytes + size > self.max_bytes:
-                return
-            self.store[k] = (i.clone(), lp.clone())  # clone: do not pin the whole batch's storage
-            self.nbytes += size
-
-    def stats(self):
-        return {"chunks": len(self.store), "hits": self.hits, "misses": self.misses, "mb": self.nbytes / 2 ** 20,
-                "teacher_seconds": self.seconds}
-
-
-def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu"):
-    """Like data.get_batch, but windows start on the fixed chunk grid 0, L, 2L, ... of the split, so a
-    window's TCS targets can be cached and reused in later epochs."""
-    data = _open_split(data_dir, split)
-    n_chunks = len(data) // seq_len
-    if n_chunks < 1:
-        raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}")
-    ix = torch.randint(n_chunks, (batch_size,), generator=generator) * seq_len  # (B,) chunk starts
-    return windows_at(data, ix, seq_len, device)
-
-
 # ----------------------------------------------------------------------------- distill.py plumbing
 
 def _add(parser, flag, **kw):
@@ -434,7 +371,20 @@ def add_tcs_args(parser):
               "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: slightly biased, see docs/tcs.md)")
     _add(parser, "--tcs_lambda", type=float, default=1.0,
          help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
-    _add(parser, "--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
+    _add(parser, "--tcs_windows", type=int, default=0,
+         help="TCS: train on a fixed set of N windows of the chunk grid (evenly spaced) whose targets are precomputed "
+              "once to disk and reused by every run with the same teacher/settings/data; 0 = the whole grid, targets "
+              "cached in memory as they are met")
+    _add(parser, "--tcs_cache_dir", default=None,
+         help="TCS with --tcs_windows: where the precomputed targets live (default DATA_DIR/tcs_targets; 'none' = "
+              "in memory only)")
+    _add(parser, "--precompute_only", action="store_true",
+         help="TCS: compute (or verify) the --tcs_windows targets on disk, then exit without training")
+    _add(parser, "--tcs_snapshots", type=int, default=0,
+         help="TCS: every N steps also write OUT_DIR/snap-ITER.pt (the EMA weights, a loadable MDLM checkpoint) "
+              "for curves evaluated afterwards on the same held-out windows (0 = off)")
+    _add(parser, "--tcs_cache_mb", type=float, default=1024,
+         help="TCS without a disk set: memory for targets cached as they are met (MiB, 0 = no cache)")
     _add(parser, "--teacher_elems", type=int, default=0,
          help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
     for flag, what in (("--n_layer", "blocks"), ("--n_head", "heads"), ("--n_embd", "width")):
@@ -466,7 +416,11 @@ def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher
 
 def build_tcs(args, student, device, run):
     """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
-    Sets run["get_batch"] = grid_batch so a loop that honours it draws chunk-aligned windows."""
+    Sets run["get_batch"] to the chunk-grid batcher (over --tcs_windows fixed chunks when > 0); with a
+    fixed set, its targets are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0."""
+    if args.precompute_only and (args.tcs_windows <= 0 or str(args.tcs_cache_dir).lower() == "none"):
+        raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
+                        "(and a --tcs_cache_dir other than none)")
     mask_id = student.cfg.vocab_size - 1
     teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, run["window"], device)
     bos_id = ckpt["tokenizer"]["eot_id"]
@@ -476,21 +430,42 @@ def build_tcs(args, student, device, run):
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
 
     def compute(x):
-        if args.tcs_lambda == 0:  # plain MDLM through the same code path: no teacher work at all
+        if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same code path: no teacher
             return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
-        return tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window, args.candidates, max_elems)
+        return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window, args.candidates,
+                           max_elems)
 
-    cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
-    run["get_batch"] = grid_batch
+    L = run["window"]
+    chunks = fixed_chunks(run["data_dir"], L, args.tcs_windows) if args.tcs_windows > 0 else None
+    run["get_batch"] = grid_batch if chunks is None else functools.partial(grid_batch, chunks=chunks)
+    use_disk = chunks is not None and str(args.tcs_cache_dir).lower() != "none"
+    if use_disk and (args.tcs_lambda != 0 or args.precompute_only):
+        topk = args.estimator == "topk"
+        settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ckpt["config"],
+                    "bos_id": bos_id, "estimator": args.estimator, "topk": args.topk,
+                    "window": args.window if topk else None, "candidates": args.candidates if topk else None}
+        windows = windows_at(_open_split(run["data_dir"], "train"), chunks * L, L)  # (N, L)
+        root = args.tcs_cache_dir or os.path.join(run["data_dir"], "tcs_targets")
+        cache = DiskTargets(root, windows, settings, compute).prepare(args.batch_size)
+        print(f"TCS targets of {len(windows)} fixed windows: {cache.dir} ({cache.computed} computed now)")
+    elif args.tcs_cache_mb > 0 and args.tcs_lambda != 0:
+        cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20))
+    else:
+        cache = compute
 
     def loss_fn(fwd, x, gen):
         ids, logp = cache(x)  # (B, L, K') each, no gradient
         return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, gen)
 
     def cache_hook(it, state):
-        return {"tcs_cache": cache.stats()} if isinstance(cache, TargetCache) else None
+        if args.tcs_snapshots > 0 and it % args.tcs_snapshots == 0 and state.get("ema") is not None:
+            state["checkpoint"](os.path.join(args.out_dir, f"snap-{it:06d}.pt"), optimizer=None, ema=None,
+                                model=state["ema"].model.state_dict())  # EMA weights as the model, nothing else
+        return {"tcs_cache": cache.stats()} if hasattr(cache, "stats") else None
 
     meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
                           "estimator": args.estimator, "topk": args.topk, "window": args.window,
-                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": run["window"]}}
+                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": L,
+                          "fixed_windows": args.tcs_windows, "targets_dir": str(cache.dir) if use_disk and
+                          isinstance(cache, DiskTargets) else None}}
     return loss_fn, (cache_hook,), meta_extra
