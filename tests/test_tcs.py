@@ -101,13 +101,17 @@ def test_kv_cache_rescoring_equals_full_rescoring():
     """The Transformer fast path (clean prefix from a KV cache, only the suffix recomputed) gives the
     same scores as rescoring every substituted sequence from scratch, with and without a window."""
     torch.manual_seed(0)
-    teacher = Transformer(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, seq_len=12, causal=True)).eval()
     x = torch.randint(10, (3, 9))
     cand = torch.randint(11, (3, 9, 4))
-    for window in (None, 0, 3):
-        fast = rescore(teacher, x, cand, 10, 11, window, max_elems=2000, use_cache=True)
-        slow = rescore(teacher, x, cand, 10, 11, window, use_cache=False)
-        assert torch.allclose(fast, slow, atol=1e-5), window
+    gpt2_like = dict(pos_emb="learned", gelu_approx="tanh", head_bias=True, tie_embeddings=True)  # hub.py's GPT-2
+    for extra in ({}, gpt2_like):
+        teacher = Transformer(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, seq_len=12, causal=True,
+                                          **extra)).eval()
+        for window in (None, 0, 3):
+            for max_elems in (2000, 2 ** 24):  # one window per call, or all at once
+                fast = rescore(teacher, x, cand, 10, 11, window, max_elems=max_elems, use_cache=True)
+                slow = rescore(teacher, x, cand, 10, 11, window, use_cache=False)
+                assert torch.allclose(fast, slow, atol=1e-5), (extra, window)
 
 
 class LinearAR(nn.Module):

@@ -68,11 +68,12 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
 from .data import _open_split, windows_at
 from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
-from .model import Transformer
+from .model import Transformer, apply_rotary
 from .tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, tensor_hash
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
@@ -147,35 +148,58 @@ def _rescore_full(teacher, x, cand, bos_id, vocab_size, W, max_elems):
 def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
     """rescore() for a tinydiff Transformer: the clean sequence's keys/values are computed once (a KV
     cache); substitution (i, v) then reuses the cached prefix x_<i and runs only its own W tokens
-    (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch."""
+    (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch.
+    The K candidates of a window attend to its one copy of the prefix (_suffix_logits): no per-row copy."""
     B, L, K = cand.shape
     dev, cfg = x.device, teacher.cfg
     clean = teacher.new_cache(B, L)
     logits = teacher(ar_inputs(x, bos_id), input_pos=torch.arange(L, device=dev), cache=clean)  # (B, L, V)
     V = logits.shape[-1]
     out = _log_softmax(logits).gather(-1, cand)  # (B, L, K): the j = i term, log p(v | x_<i)
-    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,) window of each rescored row
     for i in range(L - 1):
         w = min(W, L - 1 - i)  # suffix terms j = i+1 .. i+w
         if w <= 0:
             break
         # teacher input position p holds x_{p-1}: positions 0..i (BOS, x_<i) come from the clean cache,
         # positions i+1..i+w are fed (v, x_{i+1}, ..., x_{i+w-1}) and predict x_{i+1} .. x_{i+w}
-        feed = x[rows, i:i + w].clone()  # (B*K, w)
-        feed[:, 0] = cand[:, i].reshape(-1)
-        target = x[rows, i + 1:i + w + 1]  # (B*K, w)
+        feed = x[:, None, i:i + w].repeat(1, K, 1)  # (B, K, w)
+        feed[:, :, 0] = cand[:, i]
+        target = x[:, None, i + 1:i + w + 1].expand(B, K, w)  # (B, K, w)
         pos = torch.arange(i + 1, i + w + 1, device=dev)  # (w,)
-        step = max(1, max_elems // (w * V + 2 * cfg.n_layer * cfg.n_embd * (i + w + 1)))  # rows per call
-        scores = []
-        for s in range(0, B * K, step):
-            r = rows[s:s + step]
-            cache = teacher.new_cache(len(r), i + w + 1)
-            cache.k[:, :, :, :i + 1] = clean.k[:, r, :, :i + 1]  # (n_layer, n, H, i+1, hd)
-            cache.v[:, :, :, :i + 1] = clean.v[:, r, :, :i + 1]
-            lp = token_log_probs(teacher(feed[s:s + step], input_pos=pos, cache=cache), target[s:s + step])  # (n, w)
-            scores.append(lp.sum(1))  # (n,)
-        out[:, i] += torch.cat(scores).view(B, K)
+        step = max(1, max_elems // (K * (w * V + 4 * cfg.n_embd * w + cfg.n_head * w * (i + w + 1))))  # windows per call
+        for s in range(0, B, step):
+            lg = _suffix_logits(teacher, feed[s:s + step], pos, clean, s, i + 1)  # (b, K, w, V)
+            out[s:s + step, i] += token_log_probs(lg, target[s:s + step]).sum(-1)  # (b, K)
     return out
+
+
+def _suffix_logits(teacher, feed, pos, clean, b0, n_prefix):
+    """Teacher logits (b, K, w, V) of fed tokens feed (b, K, w) at positions pos (w,), each attending
+    causally to the others and to the first n_prefix cached keys/values of its window b0 + (0..b-1) in
+    `clean` (shared by its K rows through broadcasting, never copied). The Transformer's blocks in eval
+    mode, written out: the attention is split into its prefix and suffix parts before one softmax."""
+    b, K, w = feed.shape
+    cfg = teacher.cfg
+    H, hd = cfg.n_head, cfg.n_embd // cfg.n_head
+    h = teacher.tok_emb(feed)  # (b, K, w, C)
+    if cfg.pos_emb == "learned":
+        h, cos, sin = h + teacher.pos_emb(pos), None, None
+    else:
+        cos, sin = teacher.cos[pos], teacher.sin[pos]  # (w, hd/2)
+    causal = torch.ones(w, w, dtype=torch.bool, device=feed.device).tril()  # (w, w)
+    for layer, block in enumerate(teacher.blocks):
+        q, k, v = block.attn.qkv(block.ln1(h)).view(b, K, w, 3, H, hd).permute(3, 0, 1, 4, 2, 5)  # 3 x (b, K, H, w, hd)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kp = clean.k[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)  # (b, 1, H, n_prefix, hd)
+        vp = clean.v[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)
+        scale = hd ** -0.5
+        att = torch.cat([q @ kp.transpose(-1, -2) * scale,  # (b, K, H, w, n_prefix): the shared prefix
+                         (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))], -1).softmax(-1)
+        y = att[..., :n_prefix] @ vp + att[..., n_prefix:] @ v  # (b, K, H, w, hd)
+        h = h + block.attn.proj(y.transpose(2, 3).reshape(b, K, w, cfg.n_embd))
+        h = h + block.out(F.gelu(block.fc(block.ln2(h)), approximate=block.gelu_approx))
+    return teacher.head(teacher.ln_f(h)).float()  # (b, K, w, V)
 
 
 def grad_suffix(teacher, x, bos_id):
