@@ -38,6 +38,8 @@ parser.add_argument("--dense_ks", default="16,4,1", help="comma-separated K of t
 parser.add_argument("--ks", default="2,4,8,16,32", help="comma-separated K of the topk rows (prefix candidates)")
 parser.add_argument("--grad_ks", default="4,16", help="comma-separated K of the topk rows with grad candidates")
 parser.add_argument("--windowed", default="4:4,16:8", help="comma-separated K:W topk rows with a suffix window W (prefix)")
+parser.add_argument("--neglect", type=float, default=1e-4,
+                    help="grad rows: substitutions x_i := u outside the top-pi set of mass 1 - neglect are not recomputed")
 parser.add_argument("--old_k", type=int, default=16, help="K of the reference row with the old (biased) scheme")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--threads", type=int, default=1,
@@ -145,29 +147,34 @@ def main():
         row(f"topk K={k}" + (f" W={w}" if w else "") + " (prefix)", k + 1, mean, one, ms, cpu_ms, pi)
 
     # topk, grad candidates: the set depends on x_i, so it is recomputed for every substitution x_i := u
+    # (one gradient pass per position and window over the u that hold all but args.neglect of pi; a
+    # neglected u counts as outside its own set, stored as its label: at most that much TV error)
     ks = ints(args.grad_ks)
     if ks:
-        logpi = pi.log()
-        sets = {k: torch.zeros(N, L, V, max(ks), dtype=torch.long, device=device) for k in ks}  # T(u) per (n, i, u)
+        means = {k: torch.zeros_like(pi) for k in ks}
+        ones = {k: torch.zeros(N, L, dtype=pi.dtype, device=device) for k in ks}
+        order = pi.sort(-1, descending=True)
         for n in range(N):
             for i in range(L):
-                sub = x[n].repeat(V, 1)  # (V, L): x with x_i := u for every u
-                sub[:, i] = torch.arange(V, device=device)
-                p, d = grad_suffix(teacher, sub, bos)  # (V, L, V) each
-                prop = (p + d)[:, i]  # (V, V): the proposal at position i when x_i = u
+                keep = int((order.values[n, i].cumsum(0) < 1 - args.neglect).sum()) + 1  # top-pi tokens to substitute
+                us, w = order.indices[n, i, :keep], pi[n, i, order.indices[n, i, :keep]]  # (U,), (U,)
+                sub = x[n].repeat(len(us), 1)  # (U, L): x with x_i := u
+                sub[:, i] = us
+                p, d = grad_suffix(teacher, sub, bos)  # (U, L, V) each
+                prop = (p + d)[:, i]  # (U, V): the proposal at position i when x_i = u
+                rest = pi[n, i].clone()
+                rest[us] = 0  # the neglected u: stored as their label
                 for k in ks:
-                    sets[k][n, i, :, :k] = prop.topk(k, -1).indices
+                    T = prop.topk(k, -1).indices  # (U, k)
+                    inT = torch.zeros(len(us), V, dtype=torch.bool, device=device).scatter_(-1, T, True)
+                    head = torch.where(inT, pi[n, i].log(), float("-inf")).softmax(-1)  # (U, V): pi renormalised on T(u)
+                    own = inT[torch.arange(len(us)), us]  # (U,): u in T(u)
+                    target = torch.where(own[:, None], head, torch.nn.functional.one_hot(us, V).to(pi.dtype))
+                    means[k][n, i] = (w[:, None] * target).sum(0) + rest
+                    ones[k][n, i] = (w * tv(target, pi[n, i])).sum() + (rest * (1 - rest)).sum()
         for k in ks:
             _, ms, cpu_ms = timed(device, lambda b: tcs_targets(teacher, b, bos, "topk", k, None, "grad"), x)
-            T = sets[k][..., :k]  # (N, L, V_u, k)
-            inT = torch.zeros(N, L, V, V, dtype=torch.bool, device=device).scatter_(-1, T, True)  # (N, L, u, v)
-            head = torch.where(inT, logpi[:, :, None, :], float("-inf")).softmax(-1)  # (N, L, u, v) pi renormalised on T(u)
-            u_in = inT.diagonal(dim1=2, dim2=3)  # (N, L, u): u in T(u)
-            label = torch.eye(V, dtype=pi.dtype, device=device).expand(N, L, V, V)
-            target = torch.where(u_in[..., None], head, label)  # (N, L, u, v): the stored target when x_i = u
-            mean = (pi[..., None] * target).sum(2)  # (N, L, V)
-            one = (pi * tv(target, pi[:, :, None, :])).sum(-1)  # (N, L)
-            row(f"topk K={k} (grad)", k + 1, mean, one, ms, cpu_ms, pi)
+            row(f"topk K={k} (grad)", k + 1, means[k], ones[k], ms, cpu_ms, pi)
 
     # the old scheme, top K of the prefix with x_i forced in, renormalised (closed form over x_i ~ pi)
     k = args.old_k
