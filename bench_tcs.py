@@ -30,16 +30,20 @@ from tinydiff.timing import sync
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--teacher", required=True, help="AR checkpoint (train.py --model ar)")
-parser.add_argument("--data_dir", default=None, help="prepared data folder (default: the one the teacher was trained on)")
+parser.add_argument("--data_dir", default=None,
+                    help="prepared data folder (default: the one the teacher was trained on)")
 parser.add_argument("--seq_len", type=int, default=32, help="window length L (exact rescoring costs L*|V| sequences)")
 parser.add_argument("--n_seq", type=int, default=16, help="held-out windows scored")
 parser.add_argument("--batch_size", type=int, default=8, help="windows per estimator call")
-parser.add_argument("--dense_ks", default="16,4,1", help="comma-separated K of the exact/prefix/grad rows (besides all)")
+parser.add_argument("--dense_ks", default="16,4,1",
+                    help="comma-separated K of the exact/prefix/grad rows (besides all)")
 parser.add_argument("--ks", default="2,4,8,16,32", help="comma-separated K of the topk rows (prefix candidates)")
 parser.add_argument("--grad_ks", default="4,16", help="comma-separated K of the topk rows with grad candidates")
-parser.add_argument("--windowed", default="4:4,16:8", help="comma-separated K:W topk rows with a suffix window W (prefix)")
+parser.add_argument("--windowed", default="4:4,16:8",
+                    help="comma-separated K:W topk rows with a suffix window W (prefix candidates)")
 parser.add_argument("--neglect", type=float, default=1e-4,
-                    help="grad rows: substitutions x_i := u outside the top-pi set of mass 1 - neglect are not recomputed")
+                    help="grad rows: substitutions x_i := u outside the top-pi set of mass 1 - neglect are not "
+                         "recomputed (counted as their label: at most this much TV error)")
 parser.add_argument("--old_k", type=int, default=16, help="K of the reference row with the old (biased) scheme")
 parser.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
 parser.add_argument("--threads", type=int, default=1,
@@ -112,8 +116,8 @@ def main():
     rows = []
 
     def row(name, stored, mean, one, ms, cpu_ms, pi):
-        r = {"estimator": name, "stored_ids": stored, "tv": tv(mean, pi).mean().item(), "kl": kl(pi, mean).mean().item(),
-             "tv_one": one.mean().item(), "ms_per_seq": ms, "cpu_ms_per_seq": cpu_ms}
+        r = {"estimator": name, "stored_ids": stored, "tv": tv(mean, pi).mean().item(),
+             "kl": kl(pi, mean).mean().item(), "tv_one": one.mean().item(), "ms_per_seq": ms, "cpu_ms_per_seq": cpu_ms}
         rows.append(r)
         print(f"| {name} | {stored} | {r['tv']:.4f} | {r['kl']:.4f} | {r['tv_one']:.4f} | {ms:.1f} | {cpu_ms:.1f} |",
               flush=True)
@@ -134,7 +138,8 @@ def main():
 
     # topk, prefix candidates (independent of x_i): the stored head is exact pi (window W: its windowed scores)
     prefix = prefix_log_probs(teacher, x, bos)  # (N, L, V)
-    configs = [(k, None) for k in ints(args.ks)] + [tuple(map(int, kw.split(":"))) for kw in args.windowed.split(",") if kw]
+    configs = [(k, None) for k in ints(args.ks)]
+    configs += [tuple(map(int, kw.split(":"))) for kw in args.windowed.split(",") if kw]
     for k, w in configs:
         (ids, logp), ms, cpu_ms = timed(device, lambda b: tcs_targets(teacher, b, bos, "topk", k, w, "prefix"), x)
         cand = prefix.topk(k, -1).indices  # (N, L, k)
@@ -167,7 +172,7 @@ def main():
                 for k in ks:
                     T = prop.topk(k, -1).indices  # (U, k)
                     inT = torch.zeros(len(us), V, dtype=torch.bool, device=device).scatter_(-1, T, True)
-                    head = torch.where(inT, pi[n, i].log(), float("-inf")).softmax(-1)  # (U, V): pi renormalised on T(u)
+                    head = torch.where(inT, pi[n, i].log(), float("-inf")).softmax(-1)  # (U, V): pi on T(u)
                     own = inT[torch.arange(len(us)), us]  # (U,): u in T(u)
                     target = torch.where(own[:, None], head, torch.nn.functional.one_hot(us, V).to(pi.dtype))
                     means[k][n, i] = (w[:, None] * target).sum(0) + rest

@@ -350,7 +350,8 @@ def test_tail_sample_is_unbiased_for_its_dense_estimator(lab, estimator):
             assert ids.shape[-1] == lab.V and torch.equal(logp, logq)
             continue
         assert ids.shape[-1] == k + 1
-        assert torch.equal(ids[..., :k], logq.topk(k, -1).indices) and torch.equal(logp[..., :k], logq.topk(k, -1).values)
+        top = logq.topk(k, -1)
+        assert torch.equal(ids[..., :k], top.indices) and torch.equal(logp[..., :k], top.values)
         assert not (ids[..., :k] == ids[..., k:]).any()  # the tail id is outside the top k
         assert torch.allclose(logp.double().exp().sum(-1), q.sum(-1), atol=1e-6)  # not renormalised: the mass stays
         assert torch.equal(tail_sample(logq, k, tail_uniforms(lab.x))[0], ids)

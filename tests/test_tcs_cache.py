@@ -23,7 +23,7 @@ SETTINGS = {"teacher_sha256": "t0", "estimator": "topk", "topk": 2, "window": No
 
 
 class Counting:
-    """compute() for DiskTargets: the oracle teacher's topk targets, counting windows; fails after `fail_after` calls."""
+    """compute() for DiskTargets: the oracle teacher's topk targets, counting windows; fails after fail_after calls."""
 
     def __init__(self, fail_after=None):
         self.ar = OracleAR(Toy(V=4, L=5, seed=1))
@@ -118,7 +118,7 @@ def test_bad_shards_are_recomputed(tmp_path, windows):
     p[0].write_bytes(raw[:len(raw) // 2])  # partial (truncated) file
     p[1].write_bytes(b"not a torch file")  # garbage
     d = torch.load(p[2], weights_only=True)
-    d["logp"][tuple(d["logp"].isfinite().nonzero()[0])] += 1.0  # a silently corrupted value: the digest no longer matches
+    d["logp"][tuple(d["logp"].isfinite().nonzero()[0])] += 1.0  # silently corrupted: the digest no longer matches
     torch.save(d, p[2])
     d = torch.load(p[3], weights_only=True)
     d["key"] = "another key"  # a shard of another cache copied here
@@ -197,7 +197,8 @@ def test_distill_precompute_only(tmp_path):
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["precompute_only"] and out["cache"]["tcs_cache"]["computed"] == 12 and not (tmp_path / "out" / "ckpt.pt").exists()
+    assert out["precompute_only"] and out["cache"]["tcs_cache"]["computed"] == 12
+    assert not (tmp_path / "out" / "ckpt.pt").exists()  # no training
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert json.loads(p.stdout.strip().splitlines()[-1])["cache"]["tcs_cache"]["computed"] == 0  # reused
     bad = subprocess.run(cmd[:-2] + ["--tcs_windows", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)

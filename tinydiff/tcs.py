@@ -166,7 +166,8 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
         feed[:, :, 0] = cand[:, i]
         target = x[:, None, i + 1:i + w + 1].expand(B, K, w)  # (B, K, w)
         pos = torch.arange(i + 1, i + w + 1, device=dev)  # (w,)
-        step = max(1, max_elems // (K * (w * V + 4 * cfg.n_embd * w + cfg.n_head * w * (i + w + 1))))  # windows per call
+        per_window = K * w * (V + 4 * cfg.n_embd + cfg.n_head * (i + w + 1))  # logits, activations, attention
+        step = max(1, max_elems // per_window)  # windows per call
         for s in range(0, B, step):
             lg = _suffix_logits(teacher, feed[s:s + step], pos, clean, s, i + 1)  # (b, K, w, V)
             out[s:s + step, i] += token_log_probs(lg, target[s:s + step]).sum(-1)  # (b, K)
@@ -336,7 +337,8 @@ def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, cand
 def to_dense(ids, logp, vocab_size):
     """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids (a repeated id's
     slots add up: an empty slot may repeat an id)."""
-    return torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device).scatter_add_(-1, ids, logp.exp())
+    out = torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device)  # (B, L, vocab_size)
+    return out.scatter_add_(-1, ids, logp.exp())
 
 
 # ----------------------------------------------------------------------------- loss
@@ -392,7 +394,7 @@ def add_tcs_args(parser):
     _add(parser, "--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
     _add(parser, "--candidates", default="prefix", choices=["prefix", "grad"],
          help="TCS topk: candidates = the top K of the prefix distribution p(. | x_<i) (default: independent of "
-              "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: slightly biased, see docs/tcs.md)")
+              "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: biased, measured in docs/tcs.md)")
     _add(parser, "--tcs_lambda", type=float, default=1.0,
          help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
     _add(parser, "--tcs_windows", type=int, default=0,

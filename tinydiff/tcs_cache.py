@@ -5,10 +5,10 @@ Targets depend only on the window, so TCS draws its windows on a fixed chunk gri
 keeps the targets of the windows met so far in memory (the teacher work for a chunk is done once per
 run); DiskTargets precomputes those of a fixed set to disk, once across runs.
 
-DiskTargets. An accurate estimator (`topk`, `exact`) costs far more teacher work per window than a training step.
-DiskTargets computes the targets of every window of a fixed set once and keeps them in shards under
-ROOT/<key>/, so every later run with the same key reuses them: other epochs, runs, lambda values,
-seeds and students.
+DiskTargets. An accurate estimator (`topk`, `exact`) costs far more teacher work per window than a
+training step. DiskTargets computes the targets of every window of a fixed set once and keeps them in
+shards under ROOT/<key>/, so every later run with the same key reuses them: other epochs, runs, lambda
+values, seeds and students. A run loads them all into memory (N * L * K' * 8 bytes).
 
 The key is a sha256 of everything the targets depend on: the teacher's weights (a hash of the tensors
 it runs with, and its config), the estimator settings (estimator, topk, window, candidates, BOS id,
