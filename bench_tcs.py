@@ -130,6 +130,9 @@ def main():
         logq, ms, cpu_ms = timed(device, lambda b: dense_targets(teacher, b, bos, est), x)  # (N, L, V)
         dense[est] = (logq.double().exp(), ms, cpu_ms)
     pi = dense["exact"][0]  # (N, L, V)
+    nll = {est: -dense[est][0].gather(-1, x[..., None]).clamp_min(1e-300).log().mean().item() for est in dense}
+    print(f"held-out tokens' NLL under each dense target, nats/token (exact: the teacher's full-context conditional, "
+          f"prefix: its next-token NLL): " + ", ".join(f"{k} {v:.4f}" for k, v in nll.items()))
     for est in ("exact", "prefix", "grad"):
         q, ms, cpu_ms = dense[est]
         for k in [0] + ints(args.dense_ks):
@@ -190,7 +193,8 @@ def main():
         mean = torch.where(inT, pi * (1 + (out / (M + out)).sum(-1, keepdim=True)), pi * pi / (M + pi))
         one = (M * (1 - M))[..., 0] + (out * (1 - M - out)).sum(-1)  # TV of a renormalised restriction = 1 - its mass
         row(f"old: top-K={k} (prefix) + x_i, renormalised", f"{k}+1", mean, one, float("nan"), float("nan"), pi)
-    emit({"teacher": args.teacher, "seq_len": L, "n_seq": N, "vocab_size": V, "device": device, "rows": rows})
+    emit({"teacher": args.teacher, "seq_len": L, "n_seq": N, "vocab_size": V, "device": device, "target_nll": nll,
+          "rows": rows})
 
 
 if __name__ == "__main__":
