@@ -6,12 +6,13 @@ set -euo pipefail
 REPO=${1:?repository}; TEXT=${2:?tinyshakespeare.txt}
 LOCK=${LOCK:-/work/cpu.lock}
 run() { echo "+ $*" >&2; /usr/bin/time -f "%e s wall, %U s user" flock "$LOCK" "$@"; }
+once() { if [ -e "$1" ]; then echo "= $1 exists, skipped" >&2; else shift; run "$@"; fi; }  # re-runnable
 C="--data $TEXT --tokenizer bytes --seq_len 128 --batch_size 32 --device cpu --compile false"
 
 # 1. the teacher (AR, 4L/128d) and a judge for gen PPL that is not the teacher (AR, 3L/96d, another seed)
-run python $REPO/train.py --model ar $C --max_iters 800 --lr 3e-3 --lr_schedule cosine --warmup 100 \
+once ar/ckpt.pt python $REPO/train.py --model ar $C --max_iters 800 --lr 3e-3 --lr_schedule cosine --warmup 100 \
     --eval_interval 400 --out_dir ar --seed 1337
-run python $REPO/train.py --model ar $C --n_layer 3 --n_head 4 --n_embd 96 --max_iters 600 --lr 3e-3 \
+once judge/ckpt.pt python $REPO/train.py --model ar $C --n_layer 3 --n_head 4 --n_embd 96 --max_iters 600 --lr 3e-3 \
     --lr_schedule cosine --warmup 100 --eval_interval 600 --out_dir judge --seed 7
 
 # 2. the targets of N fixed training windows, once (topk K = 16 from prefix candidates, suffix window W = 8)
@@ -22,16 +23,17 @@ run python $REPO/distill.py $T --precompute_only
 # 3. from scratch: plain MDLM (lambda = 0, the same code path and windows) vs TCS lambda = 0.5 and 1
 S="--init scratch --max_iters 600 --lr 3e-3 --warmup 100 --eval_interval 600 --ckpt_interval 600 --tcs_snapshots 60 --seed 1337"
 for lam in 0 0.5 1; do
-    run python $REPO/distill.py $T $S --tcs_lambda $lam --out_dir scratch-lam$lam
+    once scratch-lam$lam/ckpt.pt python $REPO/distill.py $T $S --tcs_lambda $lam --out_dir scratch-lam$lam
 done
 
 # 4. fine-tuning: an MDLM trained on the whole train split (train.py's recipe), then 300 more steps on the
 #    fixed windows, plain (lambda = 0: the control) vs TCS (lambda = 0.5, 1)
-run python $REPO/train.py $C --max_iters 800 --lr 3e-3 --warmup 100 --eval_interval 800 --out_dir mdlm --seed 1337
+once mdlm/ckpt.pt python $REPO/train.py $C --max_iters 800 --lr 3e-3 --warmup 100 --eval_interval 800 --out_dir mdlm \
+    --seed 1337
 F="--init mdlm/ckpt.pt --max_iters 300 --lr 5e-4 --warmup 20 --ema 0.99 --eval_interval 300 --ckpt_interval 300 \
    --tcs_snapshots 30 --seed 1337"
 for lam in 0 0.5 1; do
-    run python $REPO/distill.py $T $F --tcs_lambda $lam --out_dir ft-lam$lam
+    once ft-lam$lam/ckpt.pt python $REPO/distill.py $T $F --tcs_lambda $lam --out_dir ft-lam$lam
 done
 
 # 5. curves (data-only val bound, paired s.e.) and samples judged by the non-teacher AR

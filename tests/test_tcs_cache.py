@@ -187,13 +187,20 @@ def test_build_tcs_with_fixed_windows(tmp_path):
     assert hooks[0](1, {})["tcs_cache"]["computed"] == 0
     _, hooks, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0, **kw), student, "cpu", dict(run))
     assert hooks[0](1, {}) is None
+    # the default folder is DATA_DIR/tcs_targets; --tcs_cache_dir none keeps them in memory only
+    _, hooks, meta = build_tcs(_args(tmp_path / "ar.pt", tcs_windows=10, topk=3), student, "cpu", dict(run))
+    assert meta["tcs"]["targets_dir"].startswith(str(data / "tcs_targets")) and len(list((data / "tcs_targets").iterdir()))
+    _, hooks, meta = build_tcs(_args(tmp_path / "ar.pt", tcs_windows=10, topk=4, tcs_cache_dir="none"), student, "cpu",
+                               dict(run))
+    assert meta["tcs"]["targets_dir"] is None and "computed" not in hooks[0](1, {})["tcs_cache"]
+    assert len(list((data / "tcs_targets").iterdir())) == 1
 
 
 def test_distill_precompute_only(tmp_path):
     _setup(tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "distill.py"), "--method", "tcs", "--teacher", "ar.pt", "--seq_len", "16",
            "--tcs_windows", "12", "--topk", "4", "--batch_size", "4", "--eval_tokens", "64", "--device", "cpu",
-           "--precompute_only", "--tcs_cache_dir", "targets"]
+           "--precompute_only"]  # to the default folder, DATA_DIR/tcs_targets
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -201,5 +208,6 @@ def test_distill_precompute_only(tmp_path):
     assert not (tmp_path / "out" / "ckpt.pt").exists()  # no training
     p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert json.loads(p.stdout.strip().splitlines()[-1])["cache"]["tcs_cache"]["computed"] == 0  # reused
-    bad = subprocess.run(cmd[:-2] + ["--tcs_windows", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert len(list((tmp_path / "data" / "tcs_targets").glob("*/shard-*.pt"))) == 1
+    bad = subprocess.run(cmd + ["--tcs_windows", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

@@ -444,7 +444,8 @@ def build_tcs(args, student, device, run):
     """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
     Sets run["get_batch"] to the chunk-grid batcher (over --tcs_windows fixed chunks when > 0); with a
     fixed set, its targets are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0."""
-    if args.precompute_only and (args.tcs_windows <= 0 or str(args.tcs_cache_dir).lower() == "none"):
+    in_memory = args.tcs_cache_dir is not None and args.tcs_cache_dir.lower() == "none"  # --tcs_cache_dir none
+    if args.precompute_only and (args.tcs_windows <= 0 or in_memory):
         raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
                         "(and a --tcs_cache_dir other than none)")
     mask_id = student.cfg.vocab_size - 1
@@ -464,7 +465,7 @@ def build_tcs(args, student, device, run):
     L = run["window"]
     chunks = fixed_chunks(run["data_dir"], L, args.tcs_windows) if args.tcs_windows > 0 else None
     run["get_batch"] = grid_batch if chunks is None else functools.partial(grid_batch, chunks=chunks)
-    use_disk = chunks is not None and str(args.tcs_cache_dir).lower() != "none"
+    use_disk = chunks is not None and not in_memory
     if use_disk and (args.tcs_lambda != 0 or args.precompute_only):
         topk = args.estimator == "topk"
         settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ckpt["config"],
