@@ -37,6 +37,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--run", action="append", required=True, help="NAME=OUT_DIR (its snap-*.pt, else ckpt.pt)")
 parser.add_argument("--base", required=True, help="the run the others are compared with")
 parser.add_argument("--frac", type=float, default=0.6, help="goal: reach the base's final bound in frac of its steps")
+parser.add_argument("--t_grid", default="0.05,0.1,0.25,0.5,0.75,0.9",
+                    help="final snapshots only: the NLL of masked tokens at these fixed mask rates t (where a run gains/loses)")
 parser.add_argument("--threads", type=int, default=2)
 args = parser.parse_args()
 
@@ -53,6 +55,22 @@ def per_window_bound(model, val_x, mask_id):
             z = forward_mask(x, t, schedule, mask_id, gen)
             total[i:i + len(x)] += nelbo_terms(model(z), x, z, t, schedule, mask_id).double().mean(1)
     return total / args.draws
+
+
+@torch.no_grad()
+def per_window_nll_at(model, val_x, mask_id, t):
+    """(N,) mean -log p(x_i | z_t) over each window's masked tokens at a fixed mask rate t (no 1/t weight)."""
+    schedule, gen = LogLinearSchedule(), torch.Generator().manual_seed(args.seed)
+    num, den = torch.zeros(len(val_x), dtype=torch.float64), torch.zeros(len(val_x), dtype=torch.float64)
+    for _ in range(args.draws):
+        for i in range(0, len(val_x), args.batch_size):
+            x = val_x[i:i + args.batch_size]  # (b, L)
+            tt = torch.full((len(x),), t)
+            z = forward_mask(x, tt, schedule, mask_id, gen)
+            terms = nelbo_terms(model(z), x, z, tt, schedule, mask_id).double() * t  # (b, L): -log p at masked, else 0
+            num[i:i + len(x)] += terms.sum(1)
+            den[i:i + len(x)] += (z == mask_id).sum(1)
+    return num / den.clamp_min(1)
 
 
 def snapshots(out_dir):
@@ -124,8 +142,27 @@ def main():
                   f"± {se:.4f} ({d / se if se else 0:+.1f} s.e.)")
         print(f"{n}: first snapshot at or below the base's final bound: {reach}")
         goals[n] = g
+
+    by_t = {}
+    ts = [float(t) for t in args.t_grid.split(",") if t]
+    if ts:
+        finals = {}
+        for n in names:
+            ckpt = load_checkpoint(snapshots(runs[n])[max(bounds[n])])
+            model = model_from_checkpoint(ckpt)
+            finals[n] = {t: per_window_nll_at(model, val_x, ckpt["mask_id"], t) for t in ts}
+        print(f"\nfinal snapshots: NLL of the masked tokens (nats/token) at a fixed mask rate t, ± s.e.; "
+              f"Δ = run − {args.base} (paired)")
+        print("| t | " + " | ".join(names) + " | " + " | ".join(f"Δ {n}" for n in names if n != args.base) + " |")
+        print("|---" * (2 * len(names)) + "|")
+        for t in ts:
+            cells = ["%.4f ± %.4f" % mean_se(finals[n][t]) for n in names]
+            deltas = ["%+.4f ± %.4f" % mean_se(finals[n][t] - finals[args.base][t]) for n in names if n != args.base]
+            by_t[t] = {n: mean_se(finals[n][t]) for n in names}
+            by_t[t].update({f"delta_{n}": mean_se(finals[n][t] - finals[args.base][t]) for n in names if n != args.base})
+            print(f"| {t} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
     emit({"windows": len(val_x), "seq_len": args.seq_len, "draws": args.draws, "base": args.base, "base_final_step": S,
-          "table": table, "goals": goals})
+          "table": table, "goals": goals, "by_t": by_t})
 
 
 if __name__ == "__main__":

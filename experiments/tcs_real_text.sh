@@ -38,9 +38,9 @@ done
 
 # 5. curves (data-only val bound, paired s.e.) and samples judged by the non-teacher AR
 D=$(python -c "import torch; print(torch.load('ar/ckpt.pt', weights_only=False)['data_dir'])")
-run python $REPO/experiments/tcs_curves.py --data_dir $D --seq_len 128 --base plain \
+run python $REPO/experiments/tcs_curves.py --data_dir $D --seq_len 128 --draws 4 --base plain \
     --run plain=scratch-lam0 --run tcs05=scratch-lam0.5 --run tcs1=scratch-lam1 > curves-scratch.md
-run python $REPO/experiments/tcs_curves.py --data_dir $D --seq_len 128 --base control --frac 1 \
+run python $REPO/experiments/tcs_curves.py --data_dir $D --seq_len 128 --draws 4 --base control --frac 1 \
     --run control=ft-lam0 --run tcs05=ft-lam0.5 --run tcs1=ft-lam1 > curves-ft.md
 for m in scratch-lam0 scratch-lam0.5 scratch-lam1 mdlm ft-lam0 ft-lam0.5 ft-lam1; do
     run python $REPO/eval.py --ckpt $m/ckpt.pt --judge judge/ckpt.pt --steps 128 --num_samples 32 \
