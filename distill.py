@@ -22,7 +22,8 @@ GPU, the paper's recipe (MDLM small teacher, L = 1024: 7 rounds 1024 -> 8 steps,
 (the official repository's defaults differ: lr 3e-4, 2500 warm-up; we follow the paper).
 
 --method tcs (Target Concrete Score distillation from an AR teacher; docs/tcs.md) lives in
-tinydiff/tcs.py; its flags are listed by --help.
+tinydiff/tcs.py; its flags are listed by --help. With --tcs_windows N the student trains on N fixed
+windows whose targets are computed once to disk (--precompute_only computes them without training).
 On the exact lab (docs/lab.md), --teacher lab-oracle makes the lab's exact denoiser the teacher of every
 round (the student starts from --init, an MDLM trained on the lab): SDTT against a perfect teacher.
     python distill.py --method sdtt --teacher lab-oracle --init runs/lab/mdlm/ckpt.pt --teacher_ema ...
@@ -254,11 +255,14 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
     check_space(args.out_dir, checkpoint_bytes(student, 4))  # weights, EMA, AdamW's two moments
 
     # the teacher, the loss on its cached targets, and chunk-aligned batches (a window's targets are reused)
-    loss_fn, batches, cache_stats, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule)
+    loss_fn, batches, tcs_step, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule)
     meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=args.seq_len, **tcs_meta)
+    if args.precompute_only:  # the --tcs_windows targets are on disk now: no training
+        emit({"method": "tcs", "precompute_only": True, **tcs_meta["tcs"], "tcs_cache": tcs_step(0, None)})
+        raise SystemExit(0)
 
     def on_step(it, save):  # every checkpoint records the target cache's counters (None: no cache)
-        meta["extra"] = {"tcs_cache": cache_stats()}
+        meta["extra"] = {"tcs_cache": tcs_step(it, save)}
 
     summary = train(student, loss_fn, heldout_bound(data_dir, schedule, mask_id, autocast, device), batches,
                     args.seq_len, args, device=device, autocast=autocast, use_compile=use_compile, meta=meta,

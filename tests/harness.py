@@ -347,3 +347,17 @@ def z_threshold(alpha=1e-4, n_tests=1):
     """Two-sided normal quantile for a family of n_tests checks with family-wise error alpha
     (Bonferroni): |estimate - truth| <= z * SE fails by chance with probability <= alpha."""
     return math.sqrt(2) * torch.erfinv(torch.tensor(1 - alpha / n_tests, dtype=torch.float64)).item()
+
+
+def ar_toy(model, V, L, bos_id):
+    """A Toy whose table is a causal model's own chain rule, p(x) = prod_j p_model(x_j | bos, x_<j) over
+    all V^L sequences (the model's output ids must be exactly 0..V-1; bos_id is one of them, as eot is
+    in real data). The model is then an exact AR teacher of the toy (teacher = data) that has real
+    input embeddings, so every TCS estimator (grad included) can be checked against exact expectations."""
+    toy = Toy(V, L)
+    with torch.no_grad():
+        idx = torch.cat([torch.full((toy.N, 1), bos_id), toy.seqs[:, :-1]], 1)  # (N, L)
+        logp = model(idx).double().log_softmax(-1)  # (N, L, V)
+    joint = logp.gather(-1, toy.seqs[..., None]).squeeze(-1).sum(-1).exp()  # (N,)
+    toy.p, toy._table = joint / joint.sum(), None
+    return toy

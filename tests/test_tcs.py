@@ -5,19 +5,21 @@ The oracle AR teacher of a Toy gives the exact chain rule, so p(x_i = v | x_{!=i
 """
 import argparse
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from harness import OracleAR, Toy
+from harness import OracleAR, OracleDenoiser, Toy, ar_toy, exact_nelbo
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
 from tinydiff.loop import Noise
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.tcs import (TargetCache, add_tcs_args, build_tcs, check_tokenizers, grad_suffix, grid_batch,
-                          rescore, tcs_loss, tcs_targets, tcs_terms, to_dense)
+from tinydiff.tcs import (add_tcs_args, build_tcs, check_tokenizers, dense_targets, grad_suffix, rescore, tail_sample,
+                          tail_uniforms, tcs_loss, tcs_targets, tcs_terms, to_dense)
+from tinydiff.tcs_cache import TargetCache, grid_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,22 +49,28 @@ def test_exact_chunking_does_not_matter(toy, oracle_ar):
 def test_topk_with_all_candidates_equals_exact(toy, oracle_ar):
     x = toy.seqs
     exact = dense(oracle_ar, x, toy.V, estimator="exact")
-    for k in (toy.V - 1, toy.V, 100):  # top-(V-1) plus x_i already covers all V ids
+    for k in (0, toy.V, 100):  # every id is a candidate
         ids, logp = tcs_targets(oracle_ar, x, oracle_ar.bos_id, "topk", topk=k, candidates="prefix")
         assert ids.shape[-1] == toy.V
         assert torch.allclose(to_dense(ids, logp, toy.V), exact, atol=1e-12)
 
 
-def test_topk_small_k_keeps_true_token_and_renormalises():
+def test_topk_stores_renormalised_candidates_or_the_label():
+    """Scheme (B): candidates = the prefix top K (never forced to hold x_i); pi renormalised on them
+    when x_i is one, else the one-hot label in the extra slot."""
     toy = Toy(V=5, L=4, seed=3)
     ar = OracleAR(toy)
-    x = toy.seqs[::11]
-    ids, logp = tcs_targets(ar, x, ar.bos_id, "topk", topk=1, candidates="prefix")  # (B, L, 2)
-    assert ids.shape[-1] == 2 and (ids == x[..., None]).any(-1).all()
+    x = toy.seqs[::3]
+    ids, logp = tcs_targets(ar, x, ar.bos_id, "topk", topk=2, candidates="prefix")  # (B, L, 3)
+    prefix = dense(ar, x, toy.V, estimator="prefix")
+    assert torch.equal(ids[..., :2], prefix.topk(2, -1).indices) and torch.equal(ids[..., 2], x)
+    inside = (ids[..., :2] == x[..., None]).any(-1)  # (B, L)
+    assert 0.2 < inside.double().mean() < 0.95  # both cases occur
     assert torch.allclose(logp.exp().sum(-1), torch.ones(()).double())
-    # on its candidates it is exact pi renormalised
-    exact = ar.full_conditional(x).gather(-1, ids)  # (B, L, 2)
-    assert torch.allclose(logp.exp(), exact / exact.sum(-1, keepdim=True), atol=1e-12)
+    exact = ar.full_conditional(x).gather(-1, ids[..., :2])  # (B, L, 2)
+    assert torch.allclose(logp[..., :2].exp()[inside], (exact / exact.sum(-1, keepdim=True))[inside], atol=1e-12)
+    assert (logp[..., 2][inside] == float("-inf")).all()
+    assert (logp[..., :2][~inside] == float("-inf")).all() and (logp[..., 2][~inside] == 0).all()
 
 
 def test_prefix_exact_at_last_position_only(toy, oracle_ar):
@@ -94,13 +102,17 @@ def test_kv_cache_rescoring_equals_full_rescoring():
     """The Transformer fast path (clean prefix from a KV cache, only the suffix recomputed) gives the
     same scores as rescoring every substituted sequence from scratch, with and without a window."""
     torch.manual_seed(0)
-    teacher = Transformer(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, seq_len=12, causal=True)).eval()
     x = torch.randint(10, (3, 9))
     cand = torch.randint(11, (3, 9, 4))
-    for window in (None, 0, 3):
-        fast = rescore(teacher, x, cand, 10, 11, window, max_elems=2000, use_cache=True)
-        slow = rescore(teacher, x, cand, 10, 11, window, use_cache=False)
-        assert torch.allclose(fast, slow, atol=1e-5), window
+    gpt2_like = dict(pos_emb="learned", gelu_approx="tanh", head_bias=True, tie_embeddings=True)  # hub.py's GPT-2
+    for extra in ({}, gpt2_like):
+        teacher = Transformer(ModelConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, seq_len=12, causal=True,
+                                          **extra)).eval()
+        for window in (None, 0, 3):
+            for max_elems in (2000, 2 ** 24):  # one window per call, or all at once
+                fast = rescore(teacher, x, cand, 10, 11, window, max_elems=max_elems, use_cache=True)
+                slow = rescore(teacher, x, cand, 10, 11, window, use_cache=False)
+                assert torch.allclose(fast, slow, atol=1e-5), (extra, window)
 
 
 class LinearAR(nn.Module):
@@ -239,6 +251,213 @@ def test_student_trained_on_exact_targets_learns_the_posterior(toy, oracle_ar):
     assert train("prefix", 1.0, steps=300) > 1e-2
 
 
+# ----------------------------------------------------------------------------- unbiased sparse targets
+# The teacher IS the data here: a small causal Transformer and the toy whose table is its own chain rule
+# (harness.ar_toy). So `grad` has embeddings, pi_i is the true p(x_i | x_!=i), and every expectation
+# below is an exact sum over the 6^4 sequences (no sampling). tinydiff/tcs.py's docstring has the proofs.
+
+@pytest.fixture(scope="module")
+def lab():
+    V, L = 6, 4
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, seq_len=L, causal=True)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(5)  # peaked conditionals (mean entropy 0.7 nats), so which ids are in the top K matters
+    teacher.requires_grad_(False)
+    bos = V - 1  # the eot token, itself a token of the toy (as in real data)
+    toy = ar_toy(teacher, V, L, bos)
+    x = toy.seqs  # (N, L) every sequence
+    pi = dense_targets(teacher, x, bos, "exact").double().exp()  # (N, L, V)
+    assert (pi - OracleAR(toy).full_conditional(x)).abs().max() < 1e-5  # teacher = data (to fp32 logits)
+    truth_nelbo = (toy.p * exact_nelbo(OracleDenoiser(toy), toy)).sum().item() / L  # the true posterior's
+    return SimpleNamespace(teacher=teacher, bos=bos, toy=toy, x=x, pi=pi, V=V, L=L, truth_nelbo=truth_nelbo)
+
+
+def stored(lab, estimator, k, **kw):
+    """The stored targets of every sequence as probabilities (N, L, V)."""
+    ids, logp = tcs_targets(lab.teacher, lab.x, lab.bos, estimator, topk=k, **kw)
+    return to_dense(ids, logp.double(), lab.V)
+
+
+def given_rest(lab, tau):
+    """E[tau_i | x_!=i] with x_i ~ pi_i (= the data's conditional), exactly: sum_u pi_i(u) tau_i(x with x_i := u)."""
+    out = torch.zeros_like(tau)
+    place = lab.V ** torch.arange(lab.L - 1, -1, -1)
+    row = lab.toy.index(lab.x)  # (N,)
+    for i in range(lab.L):
+        for u in range(lab.V):
+            out[:, i] += lab.pi[:, i, u, None] * tau[row + (u - lab.x[:, i]) * place[i], i]
+    return out
+
+
+def expected_over_u(logq, k):
+    """E over u ~ U(0, 1] of scheme (S)'s stored target, exactly: the tail token is an inverse-CDF draw
+    (in id order), so u at the middle of each tail id's CDF interval, weighted by the interval's length,
+    integrates the step function u -> target exactly (and a wrong draw would show)."""
+    q = logq.double().exp()  # (B, L, V)
+    V = q.shape[-1]
+    tail = q.scatter(-1, logq.topk(k, -1).indices, 0.0)  # (B, L, V)
+    hi = tail.cumsum(-1) / tail.sum(-1, keepdim=True)  # (B, L, V): token v owns u in (hi - tail/mass, hi]
+    lo = hi - tail / tail.sum(-1, keepdim=True)
+    out = torch.zeros_like(q)
+    for v in range(V):
+        u = torch.where(hi[..., v] > lo[..., v], (lo[..., v] + hi[..., v]) / 2, torch.ones(()).double())  # (B, L)
+        ids, logp = tail_sample(logq, k, u)
+        out += (hi[..., v] - lo[..., v])[..., None] * to_dense(ids, logp.double(), V)
+    return out
+
+
+def excess_nelbo(lab, tau):
+    """Data NELBO (nats/token, exact) of the trained optimum E[tau_i | z_t], minus the true posterior's.
+    The optimum of the loss at a partial state z is sum_x p(x | z) tau(x) (the loss is linear in tau)."""
+    toy, L, V = lab.toy, lab.L, lab.V
+    pats = torch.tensor(list(itertools.product([False, True], repeat=L)))  # (P, L) True = masked
+    z = torch.where(pats[None], toy.mask_id, lab.x[:, None, :]).view(-1, L)  # (N*P, L)
+    w = toy.p.repeat_interleave(len(pats))  # (N*P,)
+    S = (V + 1) ** L
+    num = torch.zeros(S, L, V, dtype=torch.float64).index_add_(0, toy.state_index(z),
+                                                                w[:, None, None] * tau.repeat_interleave(len(pats), 0))
+    return table_excess_nelbo(lab, (num / num.sum(-1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-300).log())
+
+
+def table_excess_nelbo(lab, table):
+    """Exact data NELBO (nats/token) of a table denoiser (log-probs (S, L, V) per partial state) minus the
+    true posterior's."""
+    def model(z):
+        logits = table[lab.toy.state_index(z)]  # (B, L, V)
+        return torch.cat([logits, torch.full_like(logits[..., :1], float("-inf"))], -1)
+    return (lab.toy.p * exact_nelbo(model, lab.toy)).sum().item() / lab.L - lab.truth_nelbo
+
+
+def old_scheme(logq, x, k):
+    """The scheme this file replaced, kept here only to show the tests catch it: the top k ids with x_i
+    forced in, renormalised over them."""
+    ids = logq.scatter(-1, x[..., None], float("inf")).topk(k + 1, -1).indices  # (B, L, k+1)
+    return to_dense(ids, logq.gather(-1, ids).log_softmax(-1).double(), logq.shape[-1])
+
+
+@pytest.mark.parametrize("estimator", ["exact", "prefix", "grad"])
+def test_tail_sample_is_unbiased_for_its_dense_estimator(lab, estimator):
+    """Scheme (S): the stored target keeps q on the top K and the rest on one tail id, and its expectation
+    over the tail draw is the dense q for every window, so the trained optimum is the dense one's
+    (the true posterior for `exact`: excess data NELBO 0)."""
+    logq = dense_targets(lab.teacher, lab.x, lab.bos, estimator)  # (N, L, V)
+    q = logq.double().exp()
+    dense_excess = excess_nelbo(lab, q)
+    for k in (1, 2, lab.V - 1, 0):
+        ids, logp = tcs_targets(lab.teacher, lab.x, lab.bos, estimator, topk=k)  # default u: seeded by the window
+        if k == 0:
+            assert ids.shape[-1] == lab.V and torch.equal(logp, logq)
+            continue
+        assert ids.shape[-1] == k + 1
+        top = logq.topk(k, -1)
+        assert torch.equal(ids[..., :k], top.indices) and torch.equal(logp[..., :k], top.values)
+        assert not (ids[..., :k] == ids[..., k:]).any()  # the tail id is outside the top k
+        assert torch.allclose(logp.double().exp().sum(-1), q.sum(-1), atol=1e-6)  # not renormalised: the mass stays
+        assert torch.equal(tail_sample(logq, k, tail_uniforms(lab.x))[0], ids)
+        mean = expected_over_u(logq, k)  # (N, L, V)
+        assert (mean - q).abs().max() < 1e-6, (estimator, k)
+        assert abs(excess_nelbo(lab, mean) - dense_excess) < 1e-6, (estimator, k)
+    if estimator == "exact":
+        assert abs(dense_excess) < 1e-6
+    else:
+        assert dense_excess > 0.05  # what the dense estimator itself costs: the sparse storage adds nothing
+
+
+def test_label_fallback_with_prefix_candidates_is_unbiased(lab):
+    """Scheme (B), topk with candidates from the prefix (independent of x_i): E[tau_i | x_!=i] = pi_i and
+    the trained optimum is the true posterior for every K, K = 1 (the label itself) to all."""
+    for k in (1, 2, 3, lab.V - 1, 0):
+        tau = stored(lab, "topk", k, candidates="prefix")
+        assert (given_rest(lab, tau) - lab.pi).abs().max() < 1e-5, k
+        assert abs(excess_nelbo(lab, tau)) < 1e-6, k
+
+
+def test_the_old_renormalised_scheme_is_caught(lab):
+    """The checks above fail for the scheme they replaced: with x_i forced into the top K and the set
+    renormalised, E[tau | x_!=i] is not pi and the optimum pays excess NELBO (the bias of the review)."""
+    logq = lab.pi.log().float()
+    for k, at_least in ((1, 0.03), (2, 0.01), (3, 0.003)):
+        tau = old_scheme(logq, lab.x, k)
+        assert (given_rest(lab, tau) - lab.pi).abs().max() > 0.05
+        assert excess_nelbo(lab, tau) > at_least, k
+
+
+def test_grad_candidates_leave_a_residual_bias(lab):
+    """topk with candidates from grad: the set depends on x_i (the gradient is taken at the data), so
+    scheme (B) is not exactly unbiased. This is the measurement behind the default --candidates prefix
+    (docs/tcs.md); it is of the order of the old scheme's bias."""
+    for k in (2, 3):
+        tau = stored(lab, "topk", k, candidates="grad")
+        dev, exc = (given_rest(lab, tau) - lab.pi).abs().max().item(), excess_nelbo(lab, tau)
+        print(f"topk K={k} --candidates grad: max |E[tau|x_!=i] - pi| = {dev:.4f}, excess NELBO {exc:.5f} nats/token")
+        assert dev > 0.05 and exc > 1e-3
+
+
+def test_student_trained_on_sparse_targets_reaches_the_posterior(lab):
+    """A table student (free logits per partial state) trained with Adam on the exact expected loss with
+    top-2 prefix-candidate targets reaches the true posterior p(x_i | z_t): excess data NELBO ~ 0. On the
+    old scheme's targets it converges somewhere else."""
+    toy, L, V, m = lab.toy, lab.L, lab.V, lab.toy.mask_id
+    pats = torch.tensor(list(itertools.product([False, True], repeat=L)))  # (P, L)
+    x = lab.x.repeat_interleave(len(pats), 0)  # (N*P, L)
+    z = torch.where(pats.repeat(toy.N, 1), m, x)
+    t = torch.full((len(x),), 0.5, dtype=torch.float64)  # the weight w(t) is a constant
+    states = toy.state_index(z)
+    # the loss separates over states: normalise each state's weights (same minimiser, well conditioned)
+    weight = toy.p.repeat_interleave(len(pats))
+    weight = weight / torch.zeros((V + 1) ** L, dtype=torch.float64).index_add_(0, states, weight)[states]
+    seen = torch.unique(states)
+    masked = toy.states()[seen] == m
+    truth = toy.posterior(toy.states()[seen])  # (S', L, V)
+
+    def train(ids, logp, steps=150):
+        table = torch.zeros((V + 1) ** L, L, V + 1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([table], lr=0.3)
+        for _ in range(steps):
+            opt.zero_grad()
+            (weight[:, None] * tcs_terms(table[states], x, z, t, ids, logp, m)[0]).sum().backward()
+            opt.step()
+        learned = table.detach()[..., :V].log_softmax(-1)  # (S, L, V)
+        return (learned[seen].exp() - truth)[masked].abs().max(), table_excess_nelbo(lab, learned)
+
+    ids, logp = tcs_targets(lab.teacher, lab.x, lab.bos, "topk", topk=2, candidates="prefix")
+    err, excess = train(ids.repeat_interleave(len(pats), 0), logp.double().repeat_interleave(len(pats), 0))
+    assert err < 2e-3 and abs(excess) < 1e-4, (err, excess)
+    old = old_scheme(lab.pi.log().float(), lab.x, 2).repeat_interleave(len(pats), 0)  # (N*P, L, V) dense
+    err, excess = train(torch.arange(V).expand_as(old), old.clamp_min(1e-300).log())
+    assert err > 0.1 and excess > 0.01, (err, excess)
+
+
+def test_tail_uniforms_depend_on_the_window_only():
+    x = torch.randint(50, (5, 12), generator=torch.Generator().manual_seed(0))
+    u = tail_uniforms(x)
+    assert u.dtype == torch.float64 and ((u > 0) & (u <= 1)).all()
+    assert torch.equal(tail_uniforms(x[[3, 1]]), u[[3, 1]])  # the same window, the same draws, in any batch
+    x2 = x.clone()
+    x2[0, -1] += 1
+    assert not torch.equal(tail_uniforms(x2)[0], u[0]) and torch.equal(tail_uniforms(x2)[1:], u[1:])
+
+
+def test_targets_are_fp32_under_bf16_autocast():
+    """The teacher work runs with autocast off: under CPU bf16 autocast (what the loop does on a GPU)
+    every estimator gives exactly the fp32 targets, although the teacher's own logits would change."""
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, seq_len=16, causal=True)).eval()
+    teacher.requires_grad_(False)
+    x = torch.randint(12, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = teacher(x)
+    assert not torch.allclose(low, teacher(x), atol=1e-4)  # autocast would change the teacher's scores
+    for est, kw in (("exact", {}), ("prefix", {}), ("grad", {}), ("topk", {"candidates": "prefix", "window": 4}),
+                    ("topk", {"candidates": "grad"})):
+        ref = tcs_targets(teacher, x, 12, est, topk=3, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = tcs_targets(teacher, x, 12, est, topk=3, **kw)
+        assert got[1].dtype == torch.float32 and torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), est
+
+
 # ----------------------------------------------------------------------------- cache, grid, plumbing
 
 def test_cached_targets_equal_fresh(toy, oracle_ar):
@@ -309,13 +528,13 @@ def test_build_tcs_end_to_end(tmp_path):
     data.mkdir()
     np.arange(1000, dtype=np.uint16).tofile(data / "train.bin")
     for est in ("exact", "prefix", "grad", "topk"):
-        loss_fn, get_batch, stats, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
+        loss_fn, get_batch, on_step, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
                                                     student, "cpu", data, 16)
         loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(0)))
         loss.backward()
         assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"}
         assert torch.isclose(loss, 0.5 * logs["nelbo"] + 0.5 * logs["tcs"])
-        assert meta["tcs"]["estimator"] == est and stats()["misses"] == 4
+        assert meta["tcs"]["estimator"] == est and on_step(1, None)["misses"] == 4
         batch = get_batch(8, torch.Generator().manual_seed(0), "cpu")  # chunk-aligned: the grid's windows
         assert torch.equal(batch, grid_batch(data, "train", 8, 16, torch.Generator().manual_seed(0)))
     # lam = 0 is exactly train.py's MDLM loss on the same generator

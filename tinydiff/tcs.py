@@ -15,9 +15,33 @@ neither t nor the mask pattern, so it is computed once per training window and c
   grad    first order (Gibbs-with-Gradients): S_i(v) - S_i(x_i) ~ (e_v - e_{x_i}) . g_i with
           g_i = d S_i / d e_i, the gradient of the suffix log-likelihood w.r.t. the input embedding of
           x_i; one forward + one backward gives every i, one (L x d)(d x V) matmul every v.
-  topk    candidates = top-K of grad (or prefix) plus x_i; exact S_i for those (optionally over a
-          suffix window of W tokens), renormalised over the candidates. K = |V|, no window: exact.
-Targets are stored sparse: ids (B, L, K') and log-probs (B, L, K').
+  topk    exact S_i (optionally over a suffix window of W tokens) for K candidates: the top K of the
+          prefix distribution (default) or of grad. K = |V|, no window: exact.
+All teacher work runs in fp32 with autocast off, whatever the training loop's dtype (a bf16 sum of
+W log-probs per candidate is off by several percent of the target).
+
+Sparse targets, unbiased. Targets are stored as ids (B, L, K+1) and log-probs (B, L, K+1): K ids
+plus one slot, -inf log-prob for an empty slot. The student's optimum at a masked position is
+E[tau_i | z_t] (tau_i = the stored target), and z_t (position i masked) is a function of x_{!=i} and
+the mask pattern only, so E[tau_i | z_t] = E[ E[tau_i | x_{!=i}] | z_t ]: a sparse target whose mean
+given x_{!=i} is the dense target q_i has exactly the dense target's optimum. Two schemes do that:
+  (S) tail sample, for exact/prefix/grad (the whole q_i is known): keep q_i on T = its top K, not
+      renormalised, and put the rest, 1 - q_i(T), on ONE token v* ~ q_i outside T.
+      Proof: E_v*[tau_i] = q_T + (1 - q(T)) q_{not T} / (1 - q(T)) = q_i, for every x, so it holds
+      whatever T depends on and whatever the data distribution is. v* is drawn by inverse CDF from a
+      uniform of a generator seeded with the window's tokens (tail_uniforms): a window always gets
+      the same targets (cacheable, reproducible), different windows independent draws.
+  (B) label fallback, for topk (its exact scores exist on the candidates only: the normaliser over
+      V is unknown, so q(T) is too): T chosen without looking at x_i (the top K of p_AR(. | x_<i));
+      store pi renormalised on T when x_i is in T, the one-hot label when it is not.
+      Proof (x_i ~ pi_i given x_{!=i}, teacher = data): E[tau_i | x_{!=i}] = pi(T) pi_T / pi(T)
+      + sum_{u not in T} pi(u) e_u = pi_i. When teacher and data differ, the tail follows the data.
+      With --candidates grad, T depends on x_i (the gradient is taken at the data sequence), so (B)
+      is not exactly unbiased: docs/tcs.md measures the residual on the harness; prefix is the default.
+The old scheme (top K with x_i forced in, renormalised) is biased: the set depends on the label, so
+a token outside the top K gets E[tau(v)] ~ pi(v)^2 / (M + pi(v)) instead of pi(v) (M = top-K mass).
+Variance: (S) adds (1 - M)^2 (1 - sum_v r_v^2) per position (r = the renormalised tail), (B) falls
+back to the label with probability 1 - M; at K = 1, (B) is the label itself.
 
 Teacher input. Position 0 needs a context for log p_AR(x_0): the teacher reads the eot token as a
 BOS prefix, (eot, x_0, ..., x_{L-2}) -> predictions of (x_0, ..., x_{L-1}). The AR models here are
@@ -27,24 +51,29 @@ toward document-start statistics (the suffix terms of later positions correct mo
 window needs L <= the teacher's context.
 
 Loss, at masked positions, with the NELBO's weight w(t) = 1/t (MDLM, Sahoo et al. 2024, eq. 10):
-    L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v pi_i(v) (-log p_theta(v | z_t))
-i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam pi_i; pi = onehot(x) gives the MDLM
-loss exactly. For fixed z_t the minimiser is E[pi_i | z_t] = p(x_i | z_t) when the teacher is the data
-distribution: a Rao-Blackwellised, lower-variance version of the one-hot label.
+    L = (1 - lam) * NELBO + lam * L_TCS,   L_TCS = E_t w(t) sum_{i masked} sum_v tau_i(v) (-log p_theta(v | z_t))
+i.e. a soft-target cross-entropy on (1 - lam) onehot(x_i) + lam tau_i; tau = onehot(x) gives the MDLM
+loss exactly. For fixed z_t the minimiser is E[tau_i | z_t] = p(x_i | z_t) when the teacher is the
+data distribution: a Rao-Blackwellised, lower-variance version of the one-hot label.
 
 Cache. Targets depend only on the window, so windows are drawn on a fixed chunk grid over train.bin
-(offsets k*L, `grid_batch`) and each chunk's targets are kept in memory: the teacher work for a chunk
-is done once however many epochs the run makes. Windows that are not on the grid still work (a
-cache miss each time).
+(offsets k*L, `grid_batch`): in memory (TargetCache, the teacher work for a chunk is done once per
+run) or on disk for a fixed set of windows (tinydiff/tcs_cache.py: once across runs, lambdas, seeds
+and students).
 """
-import time
+import contextlib
+import hashlib
+import os
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import DataError, _open_split, windows_at
+from .data import _open_split, windows_at
 from .diffusion import forward_mask, get_schedule, masked_log_probs, sample_times
-from .model import Transformer
+from .model import Transformer, apply_rotary
+from .tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, tensor_hash
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
 
@@ -118,35 +147,59 @@ def _rescore_full(teacher, x, cand, bos_id, vocab_size, W, max_elems):
 def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
     """rescore() for a tinydiff Transformer: the clean sequence's keys/values are computed once (a KV
     cache); substitution (i, v) then reuses the cached prefix x_<i and runs only its own W tokens
-    (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch."""
+    (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch.
+    The K candidates of a window attend to its one copy of the prefix (_suffix_logits): no per-row copy."""
     B, L, K = cand.shape
     dev, cfg = x.device, teacher.cfg
     clean = teacher.new_cache(B, L)
     logits = teacher(ar_inputs(x, bos_id), input_pos=torch.arange(L, device=dev), cache=clean)  # (B, L, V)
     V = logits.shape[-1]
     out = _log_softmax(logits).gather(-1, cand)  # (B, L, K): the j = i term, log p(v | x_<i)
-    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,) window of each rescored row
     for i in range(L - 1):
         w = min(W, L - 1 - i)  # suffix terms j = i+1 .. i+w
         if w <= 0:
             break
         # teacher input position p holds x_{p-1}: positions 0..i (BOS, x_<i) come from the clean cache,
         # positions i+1..i+w are fed (v, x_{i+1}, ..., x_{i+w-1}) and predict x_{i+1} .. x_{i+w}
-        feed = x[rows, i:i + w].clone()  # (B*K, w)
-        feed[:, 0] = cand[:, i].reshape(-1)
-        target = x[rows, i + 1:i + w + 1]  # (B*K, w)
+        feed = x[:, None, i:i + w].repeat(1, K, 1)  # (B, K, w)
+        feed[:, :, 0] = cand[:, i]
+        target = x[:, None, i + 1:i + w + 1].expand(B, K, w)  # (B, K, w)
         pos = torch.arange(i + 1, i + w + 1, device=dev)  # (w,)
-        step = max(1, max_elems // (w * V + 2 * cfg.n_layer * cfg.n_embd * (i + w + 1)))  # rows per call
-        scores = []
-        for s in range(0, B * K, step):
-            r = rows[s:s + step]
-            cache = teacher.new_cache(len(r), i + w + 1)
-            cache.k[:, :, :, :i + 1] = clean.k[:, r, :, :i + 1]  # (n_layer, n, H, i+1, hd)
-            cache.v[:, :, :, :i + 1] = clean.v[:, r, :, :i + 1]
-            lp = token_log_probs(teacher(feed[s:s + step], input_pos=pos, cache=cache), target[s:s + step])  # (n, w)
-            scores.append(lp.sum(1))  # (n,)
-        out[:, i] += torch.cat(scores).view(B, K)
+        per_window = K * w * (V + 4 * cfg.n_embd + cfg.n_head * (i + w + 1))  # logits, activations, attention
+        step = max(1, max_elems // per_window)  # windows per call
+        for s in range(0, B, step):
+            lg = _suffix_logits(teacher, feed[s:s + step], pos, clean, s, i + 1)  # (b, K, w, V)
+            out[s:s + step, i] += token_log_probs(lg, target[s:s + step]).sum(-1)  # (b, K)
     return out
+
+
+def _suffix_logits(teacher, feed, pos, clean, b0, n_prefix):
+    """Teacher logits (b, K, w, V) of fed tokens feed (b, K, w) at positions pos (w,), each attending
+    causally to the others and to the first n_prefix cached keys/values of its window b0 + (0..b-1) in
+    `clean` (shared by its K rows through broadcasting, never copied). The Transformer's blocks in eval
+    mode, written out: the attention is split into its prefix and suffix parts before one softmax."""
+    b, K, w = feed.shape
+    cfg = teacher.cfg
+    H, hd = cfg.n_head, cfg.n_embd // cfg.n_head
+    h = teacher.tok_emb(feed)  # (b, K, w, C)
+    if cfg.pos_emb == "learned":
+        h, cos, sin = h + teacher.pos_emb(pos), None, None
+    else:
+        cos, sin = teacher.cos[pos], teacher.sin[pos]  # (w, hd/2)
+    causal = torch.ones(w, w, dtype=torch.bool, device=feed.device).tril()  # (w, w)
+    for layer, block in enumerate(teacher.blocks):
+        q, k, v = block.attn.qkv(block.ln1(h)).view(b, K, w, 3, H, hd).permute(3, 0, 1, 4, 2, 5)  # 3 x (b, K, H, w, hd)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kp = clean.k[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)  # (b, 1, H, n_prefix, hd)
+        vp = clean.v[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)
+        scale = hd ** -0.5
+        att = torch.cat([q @ kp.transpose(-1, -2) * scale,  # (b, K, H, w, n_prefix): the shared prefix
+                         (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))], -1).softmax(-1)
+        y = att[..., :n_prefix] @ vp + att[..., n_prefix:] @ v  # (b, K, H, w, hd)
+        h = h + block.attn.proj(y.transpose(2, 3).reshape(b, K, w, cfg.n_embd))
+        h = h + block.out(F.gelu(block.fc(block.ln2(h)), approximate=block.gelu_approx))
+    return teacher.head(teacher.ln_f(h)).float()  # (b, K, w, V)
 
 
 def grad_suffix(teacher, x, bos_id):
@@ -174,49 +227,117 @@ def grad_suffix(teacher, x, bos_id):
     return _log_softmax(logits.detach()), delta
 
 
-def candidate_ids(score, x, k):
-    """The k best-scoring ids plus the true token: top-(k+1) with x_i forced in, so the set always
-    contains top-k U {x_i} (one spare slot when x_i is already in the top k). score (B, L, V) -> (B, L, K')."""
-    V = score.shape[-1]
-    if k <= 0 or k + 1 >= V:
-        return torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V): everything
-    forced = score.scatter(-1, x[..., None], float("inf"))  # (B, L, V)
-    return forced.topk(k + 1, dim=-1).indices  # (B, L, k+1)
+def prefix_log_probs(teacher, x, bos_id):
+    """log p_AR(v | x_<i) for every position, (B, L, V): one teacher forward."""
+    return _log_softmax(teacher(ar_inputs(x, bos_id)))
+
+
+def dense_targets(teacher, x, bos_id, estimator, max_elems=2 ** 24):
+    """The whole target distribution log q_i(v), (B, L, V), of estimator exact, prefix or grad."""
+    if estimator == "prefix":
+        return prefix_log_probs(teacher, x, bos_id)
+    if estimator == "grad":
+        prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
+        return (prefix + delta).log_softmax(-1)
+    if estimator == "exact":
+        V = prefix_log_probs(teacher, x[:1], bos_id).shape[-1]  # the teacher's vocabulary
+        return rescore(teacher, x, all_ids(x, V), bos_id, V, None, max_elems).log_softmax(-1)
+    raise ValueError(f"no dense distribution for estimator {estimator!r}")
+
+
+def all_ids(x, V):
+    return torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V)
+
+
+def tail_uniforms(x):
+    """One uniform in (0, 1] per position, (B, L) float64 on x's device, from a CPU generator seeded with
+    a hash of the window's tokens: the same window always draws the same tail tokens, on any device."""
+    u = torch.empty(x.shape, dtype=torch.float64)
+    for b, row in enumerate(x.cpu().numpy().astype(np.int64)):
+        seed = int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+        u[b] = 1 - torch.rand(x.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return u.to(x.device)
+
+
+def tail_sample(logq, k, u):
+    """Scheme (S) (module docstring): the dense targets log q (B, L, V) -> sparse (ids, logp), each
+    (B, L, k+1): q on its top k (not renormalised) and the tail mass on one token v* drawn from q
+    restricted to the other ids, by inverse CDF at u (B, L) in (0, 1]. E over u of the stored target
+    is q exactly. k <= 0 or k >= V: everything, (ids = arange(V), logq)."""
+    B, L, V = logq.shape
+    if k <= 0 or k >= V:
+        return all_ids(logq[..., 0], V), logq
+    head = logq.topk(k, dim=-1)  # values/indices (B, L, k)
+    tail_ids, tail_logp = [], []
+    rows = max(1, 2 ** 24 // (L * V))  # windows at a time: the fp64 CDF stays below 2^24 entries
+    for s in range(0, B, rows):
+        tail = logq[s:s + rows].double().exp().scatter(-1, head.indices[s:s + rows], 0.0)  # (b, L, V): q outside T
+        cdf = tail.cumsum(-1)  # (b, L, V), fp64: the sampling needs it
+        mass = cdf[..., -1:]  # (b, L, 1) = 1 - q(T), summed so that the stored target sums to sum q
+        # the first id whose CDF reaches u * mass: u > 0, so an id of positive tail probability
+        tail_ids.append(torch.searchsorted(cdf, u[s:s + rows, :, None].to(cdf.dtype) * mass).clamp_max(V - 1))
+        tail_logp.append(mass.log().to(logq.dtype))  # (b, L, 1); -inf when T holds all the mass
+    return torch.cat([head.indices, torch.cat(tail_ids)], -1), torch.cat([head.values, torch.cat(tail_logp)], -1)
+
+
+def label_fallback(scores, cand, x):
+    """Scheme (B) (module docstring): exact unnormalised scores (B, L, K) of candidates cand (B, L, K)
+    that were chosen without looking at x_i -> (ids, logp), each (B, L, K+1): the scores renormalised
+    on the candidates when x_i is one of them (last slot empty), else the one-hot label in the last slot."""
+    inside = (cand == x[..., None]).any(-1, keepdim=True)  # (B, L, 1)
+    neg_inf = torch.full_like(scores[..., :1], float("-inf"))  # (B, L, 1)
+    head = torch.where(inside, scores.log_softmax(-1), neg_inf)  # (B, L, K)
+    label = torch.where(inside, neg_inf, torch.zeros_like(neg_inf))  # (B, L, 1)
+    return torch.cat([cand, x[..., None]], -1), torch.cat([head, label], -1)
+
+
+def _fp32(device):
+    """Autocast off (on the device and the CPU): the teacher's scores are summed and sampled in fp32."""
+    stack = contextlib.ExitStack()
+    for kind in {torch.device(device).type, "cpu"}:
+        if kind in ("cpu", "cuda", "mps", "xpu"):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
 
 
 @torch.no_grad()
-def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, candidates="grad", max_elems=2 ** 24):
-    """Sparse TCS targets for clean windows x (B, L): (ids (B, L, K') int64, logp (B, L, K')), where
-    logp are log pi_i over the stored ids (they sum to one in probability).
+def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, candidates="prefix", max_elems=2 ** 24,
+                u=None):
+    """Sparse, unbiased TCS targets for clean windows x (B, L): (ids (B, L, K') int64, logp (B, L, K') fp32+),
+    K' = topk + 1, or |V| when topk <= 0 or >= |V| (everything, exact for `exact`/`topk`).
 
-    exact/prefix/grad compute the whole distribution and keep the top `topk` ids plus x_i,
-    renormalised (topk <= 0 or >= |V| - 1: keep all |V|, ids = arange). topk rescores the top `topk`
-    candidates of `candidates` (grad or prefix) plus x_i exactly, over a suffix window `window`.
+    exact/prefix/grad: the whole distribution, stored by scheme (S) with tail uniforms u (B, L)
+    (default: seeded by each window's tokens, tail_uniforms). topk: the top `topk` candidates of
+    `candidates` (prefix: independent of x_i, exactly unbiased; grad: see the module docstring),
+    rescored exactly over a suffix window `window` (None: all), stored by scheme (B). Runs in fp32
+    with autocast off.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown TCS estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if estimator == "grad" or (estimator == "topk" and candidates == "grad"):
-        prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
-        proposal = prefix + delta
-    else:
-        prefix = _log_softmax(teacher(ar_inputs(x, bos_id)))  # (B, L, V)
-        proposal = prefix
-    V = prefix.shape[-1]
-    if estimator in ("prefix", "grad"):
-        full = proposal.log_softmax(-1)  # (B, L, V)
-    elif estimator == "exact":
-        ids = torch.arange(V, device=x.device).expand(*x.shape, V)  # (B, L, V)
-        full = rescore(teacher, x, ids, bos_id, V, None, max_elems).log_softmax(-1)
-    else:  # topk: exact scores of the candidates only
-        ids = candidate_ids(proposal, x, topk)  # (B, L, K')
-        return ids, rescore(teacher, x, ids, bos_id, V, window, max_elems).log_softmax(-1)
-    ids = candidate_ids(full, x, topk)  # (B, L, K') sparse storage
-    return ids, full.gather(-1, ids).log_softmax(-1)
+    with _fp32(x.device):
+        if estimator != "topk":
+            logq = dense_targets(teacher, x, bos_id, estimator, max_elems)  # (B, L, V)
+            return tail_sample(logq, topk, tail_uniforms(x) if u is None else u)
+        if candidates == "grad":
+            prefix, delta = grad_suffix(teacher, x, bos_id)  # (B, L, V) each
+            proposal = prefix + delta
+        elif candidates == "prefix":
+            proposal = prefix_log_probs(teacher, x, bos_id)  # (B, L, V): depends on x_<i only
+        else:
+            raise ValueError(f"unknown candidates {candidates!r}: choose prefix or grad")
+        V = proposal.shape[-1]
+        if topk <= 0 or topk >= V:  # every id is a candidate: the exact distribution (over the window)
+            ids = all_ids(x, V)
+            return ids, rescore(teacher, x, ids, bos_id, V, window, max_elems).log_softmax(-1)
+        cand = proposal.topk(topk, dim=-1).indices  # (B, L, K)
+        return label_fallback(rescore(teacher, x, cand, bos_id, V, window, max_elems), cand, x)
 
 
 def to_dense(ids, logp, vocab_size):
-    """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids."""
-    return torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device).scatter_(-1, ids, logp.exp())
+    """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids (a repeated id's
+    slots add up: an empty slot may repeat an id)."""
+    out = torch.zeros(*ids.shape[:-1], vocab_size, dtype=logp.dtype, device=ids.device)  # (B, L, vocab_size)
+    return out.scatter_add_(-1, ids, logp.exp())
 
 
 # ----------------------------------------------------------------------------- loss
@@ -224,14 +345,16 @@ def to_dense(ids, logp, vocab_size):
 def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     """Per-position loss integrands, each (B, L): (mixed, nelbo, tcs) with
     nelbo = w(t) [z_i = m] (-log p_theta(x_i | z_t))                  (diffusion.nelbo_terms),
-    tcs   = w(t) [z_i = m] sum_v pi_i(v) (-log p_theta(v | z_t))      (soft-target cross-entropy),
-    mixed = (1 - lam) nelbo + lam tcs. The targets never put mass on the student's [MASK] id (it is
-    not a teacher token), whose log-prob is -inf under SUBS."""
+    tcs   = w(t) [z_i = m] sum_k tau_i(k) (-log p_theta(ids_k | z_t))  (soft-target cross-entropy),
+    mixed = (1 - lam) nelbo + lam tcs. The sparse target tau = exp(logp) need not be renormalised over
+    ids (scheme (S) is not), ids may repeat and empty slots have logp = -inf (no mass, no NaN). The
+    targets never put mass on the student's [MASK] id (not a teacher token; -inf under SUBS)."""
     schedule = get_schedule(schedule)
     logp_s = masked_log_probs(logits, mask_id)  # (B, L, V+1), -inf at the mask id
     w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): w(t) (log-linear: 1/t) at masked positions, else 0
     nelbo = w * -logp_s.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
-    tcs = w * -(logp.exp().to(logp_s.dtype) * logp_s.gather(-1, ids)).sum(-1)  # (B, L)
+    p = logp.exp().to(logp_s.dtype)  # (B, L, K')
+    tcs = w * -torch.where(p > 0, p * logp_s.gather(-1, ids), torch.zeros_like(p)).sum(-1)  # (B, L)
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
@@ -247,91 +370,42 @@ def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, e
     return mixed.sum() / n, {"nelbo": nelbo.detach().sum() / n, "tcs": tcs.detach().sum() / n}
 
 
-# ----------------------------------------------------------------------------- cache and chunk grid
-
-class TargetCache:
-    """Sparse targets of every window seen, keyed by its tokens (so the key is the chunk), on the CPU.
-    Stops adding (but keeps serving) once max_bytes is reached."""
-
-    def __init__(self, compute, max_bytes=1 << 30):
-        self.compute, self.max_bytes = compute, max_bytes
-        self.store, self.nbytes, self.hits, self.misses, self.seconds = {}, 0, 0, 0, 0.0
-
-    def __call__(self, x):
-        """x (B, L) -> (ids (B, L, K'), logp (B, L, K')) on x's device; computes only the misses."""
-        keys = [r.tobytes() for r in x.cpu().numpy()]
-        miss = [b for b, k in enumerate(keys) if k not in self.store]
-        hit = [b for b, k in enumerate(keys) if k in self.store]
-        self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
-        if not miss:
-            return self._stack([keys[b] for b in hit], x.device)
-        ids, logp = self._compute(x[miss])  # (b, L, K') each, b = #misses
-        self._keep([keys[b] for b in miss], ids, logp)
-        if not hit:
-            return ids, logp
-        cached_ids, cached_logp = self._stack([keys[b] for b in hit], x.device)
-        out_ids = torch.empty((len(keys),) + ids.shape[1:], dtype=torch.long, device=x.device)  # (B, L, K')
-        out_logp = torch.empty((len(keys),) + logp.shape[1:], dtype=logp.dtype, device=x.device)  # (B, L, K')
-        out_ids[miss], out_logp[miss] = ids, logp
-        out_ids[hit], out_logp[hit] = cached_ids, cached_logp
-        return out_ids, out_logp
-
-    def _stack(self, keys, device):
-        ids = torch.stack([self.store[k][0] for k in keys]).to(device, torch.long)  # (b, L, K')
-        logp = torch.stack([self.store[k][1] for k in keys]).to(device)  # (b, L, K')
-        return ids, logp
-
-    def _compute(self, x):
-        t0 = time.perf_counter()
-        out = self.compute(x)
-        self.seconds += time.perf_counter() - t0
-        return out
-
-    def _keep(self, keys, ids, logp):
-        ids_c, logp_c = ids.to("cpu", torch.int32), logp.cpu()
-        for k, i, lp in zip(keys, ids_c, logp_c):
-            size = i.numel() * 4 + lp.numel() * lp.element_size()
-            if self.nbytes + size > self.max_bytes:
-                return
-            self.store[k] = (i.clone(), lp.clone())  # clone: do not pin the whole batch's storage
-            self.nbytes += size
-
-    def stats(self):
-        return {"chunks": len(self.store), "hits": self.hits, "misses": self.misses, "mb": self.nbytes / 2 ** 20,
-                "teacher_seconds": self.seconds}
-
-
-def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu"):
-    """Like data.get_batch, but windows start on the fixed chunk grid 0, L, 2L, ... of the split, so a
-    window's TCS targets can be cached and reused in later epochs."""
-    data = _open_split(data_dir, split)
-    n_chunks = len(data) // seq_len
-    if n_chunks < 1:
-        raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}")
-    ix = torch.randint(n_chunks, (batch_size,), generator=generator) * seq_len  # (B,) chunk starts
-    return windows_at(data, ix, seq_len, device)
-
-
 # ----------------------------------------------------------------------------- distill.py plumbing
 
 def add_tcs_args(parser):
     """The flags of distill.py --method tcs (--teacher, shared with SDTT, is distill.py's)."""
     add = parser.add_argument
     add("--init", default="scratch",
-        help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
-             "or an MDLM checkpoint to fine-tune")
+         help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
+              "or an MDLM checkpoint to fine-tune")
     add("--estimator", default="topk", choices=list(ESTIMATORS),
-        help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
-             "grad (first order), topk (exact rescoring of K candidates)")
+         help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
+              "grad (first order), topk (exact rescoring of K candidates)")
     add("--topk", type=int, default=16,
-        help="TCS: candidates (topk) / stored ids (other estimators) per position, plus the true token; 0 = all")
+         help="TCS: K ids stored per position (topk: candidates rescored), plus one slot that keeps the targets "
+              "unbiased (the label when it is not a candidate / one tail token with the rest of the mass); 0 = all")
     add("--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
-    add("--candidates", default="grad", choices=["grad", "prefix"], help="TCS topk: how candidates are proposed")
+    add("--candidates", default="prefix", choices=["prefix", "grad"],
+         help="TCS topk: candidates = the top K of the prefix distribution p(. | x_<i) (default: independent of "
+              "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: biased, measured in docs/tcs.md)")
     add("--tcs_lambda", type=float, default=1.0,
-        help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
-    add("--tcs_cache_mb", type=float, default=1024, help="TCS: memory for cached targets (MiB, 0 = no cache)")
+         help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
+    add("--tcs_windows", type=int, default=0,
+         help="TCS: train on a fixed set of N windows of the chunk grid (evenly spaced) whose targets are precomputed "
+              "once to disk and reused by every run with the same teacher/settings/data; 0 = the whole grid, targets "
+              "cached in memory as they are met")
+    add("--tcs_cache_dir", default=None,
+         help="TCS with --tcs_windows: where the precomputed targets live (default DATA_DIR/tcs_targets; 'none' = "
+              "in memory only)")
+    add("--precompute_only", action="store_true",
+         help="TCS: compute (or verify) the --tcs_windows targets on disk, then exit without training")
+    add("--tcs_snapshots", type=int, default=0,
+         help="TCS: every N steps also write OUT_DIR/snap-ITER.pt (the EMA weights, a loadable MDLM checkpoint) "
+              "for curves evaluated afterwards on the same held-out windows (0 = off)")
+    add("--tcs_cache_mb", type=float, default=1024,
+         help="TCS without a disk set: memory for targets cached as they are met (MiB, 0 = no cache)")
     add("--teacher_elems", type=int, default=0,
-        help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
+         help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
     for flag, what in (("--n_layer", "blocks"), ("--n_head", "heads"), ("--n_embd", "width")):
         add(flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
 
@@ -357,10 +431,16 @@ def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher
 
 
 def build_tcs(args, student, device, data_dir, window, schedule=None):
-    """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, stats, meta_extra).
-    get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch), so
-    a window's targets are computed once and then served by the cache; stats() -> the cache's counters for
-    the checkpoint (None without a cache); schedule: the student's noise schedule (None: log-linear)."""
+    """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, on_step, meta_extra).
+    get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch; over
+    --tcs_windows fixed chunks when > 0), so a window's targets are computed once and then served by the cache;
+    with a fixed set they are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0.
+    on_step(it, save) -> the cache's counters for the checkpoint (None without a cache), and writes the
+    --tcs_snapshots files; schedule: the student's noise schedule (None: log-linear)."""
+    in_memory = args.tcs_cache_dir is not None and args.tcs_cache_dir.lower() == "none"  # --tcs_cache_dir none
+    if args.precompute_only and (args.tcs_windows <= 0 or in_memory):
+        raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
+                        "(and a --tcs_cache_dir other than none)")
     mask_id = student.cfg.vocab_size - 1
     teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, window, device)
     bos_id = ckpt["tokenizer"]["eot_id"]
@@ -370,24 +450,46 @@ def build_tcs(args, student, device, data_dir, window, schedule=None):
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
 
     def compute(x):
-        if args.tcs_lambda == 0:  # plain MDLM through the same code path: no teacher work at all
+        if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same code path: no teacher
             return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
-        return tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window, args.candidates, max_elems)
+        return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window, args.candidates,
+                           max_elems)
 
-    cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20)) if args.tcs_cache_mb > 0 else compute
+    L = window
+    chunks = fixed_chunks(data_dir, L, args.tcs_windows) if args.tcs_windows > 0 else None
 
-    def get_batch(n, generator, device):  # (n, window) chunk-aligned training windows
-        return grid_batch(data_dir, "train", n, window, generator, device)
+    def get_batch(n, generator, device):  # (n, L) chunk-aligned training windows
+        return grid_batch(data_dir, "train", n, L, generator, device, chunks=chunks)
+    use_disk = chunks is not None and not in_memory
+    if use_disk and (args.tcs_lambda != 0 or args.precompute_only):
+        topk = args.estimator == "topk"
+        settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ckpt["config"],
+                    "bos_id": bos_id, "estimator": args.estimator, "topk": args.topk,
+                    "window": args.window if topk else None, "candidates": args.candidates if topk else None}
+        windows = windows_at(_open_split(data_dir, "train"), chunks * L, L)  # (N, L)
+        root = args.tcs_cache_dir or os.path.join(data_dir, "tcs_targets")
+        cache = DiskTargets(root, windows, settings, compute).prepare(args.batch_size)
+        print(f"TCS targets of {len(windows)} fixed windows: {cache.dir} ({cache.computed} computed now)")
+    elif args.tcs_cache_mb > 0 and args.tcs_lambda != 0:
+        cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20))
+    else:
+        cache = compute
 
     def loss_fn(fwd, x, noise):  # noise: this step's draws (loop.Noise)
         ids, logp = cache(x)  # (B, L, K') each, no gradient
         return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, noise.gen, schedule, rank=noise.rank,
                         world=noise.world)
 
-    def stats():
-        return cache.stats() if isinstance(cache, TargetCache) else None
+    def on_step(it, save):
+        """After every step: a --tcs_snapshots file (a loadable checkpoint without the optimizer: its EMA
+        weights are what model_from_checkpoint loads); returns the cache's counters (None: no cache)."""
+        if save is not None and args.tcs_snapshots > 0 and it % args.tcs_snapshots == 0:
+            save(os.path.join(args.out_dir, f"snap-{it:06d}.pt"), optimizer=None)
+        return cache.stats() if hasattr(cache, "stats") else None
 
     meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
                           "estimator": args.estimator, "topk": args.topk, "window": args.window,
-                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": window}}
-    return loss_fn, get_batch, stats, meta_extra
+                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": L,
+                          "fixed_windows": args.tcs_windows, "targets_dir": str(cache.dir) if use_disk and
+                          isinstance(cache, DiskTargets) else None}}
+    return loss_fn, get_batch, on_step, meta_extra

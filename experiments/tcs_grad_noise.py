@@ -1,0 +1,73 @@
+"""How much gradient noise do the TCS targets remove? A diagnostic for the experiment of docs/tcs.md.
+
+TCS can only speed training up by replacing the one-hot label (a noisy sample of p(x_i | x_!=i)) with
+the teacher's distribution: the expected gradient is the same when teacher = data, the noise is not.
+For a student checkpoint this script draws --batches training batches from the fixed windows, and for
+each batch computes the parameter gradient of the loss with lambda = 0 (plain MDLM), 0.5 and 1, on the
+SAME t and masks (tcs_loss draws them identically for every lambda). It reports, per lambda, the
+squared norm of the mean gradient (signal), the trace of the covariance of the per-batch gradient
+(noise), and the noise relative to lambda = 0.
+
+    python experiments/tcs_grad_noise.py --ckpt scratch-lam0/snap-000060.pt --teacher ar/ckpt.pt \
+        --tcs_windows 1024 --topk 16 --window 8 --batches 32
+(run where the targets were precomputed: they are read from the disk cache, not recomputed).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
+from tinydiff.tcs import add_tcs_args, build_tcs  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", required=True, help="the student (an MDLM checkpoint or snapshot)")
+parser.add_argument("--batches", type=int, default=32)
+parser.add_argument("--batch_size", type=int, default=32)
+parser.add_argument("--seq_len", type=int, default=128)
+parser.add_argument("--lambdas", default="0,0.5,1")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--tokenizer", default="bytes")
+parser.add_argument("--out_dir", default=None)
+add_tcs_args(parser)
+args = parser.parse_args()
+
+
+def main():
+    torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.ckpt)
+    student = model_from_checkpoint(ckpt).train()  # the weights the snapshot holds (EMA for snapshots)
+    data_dir = load_checkpoint(args.teacher)["data_dir"]
+    lams = [float(v) for v in args.lambdas.split(",")]
+    losses = {}
+    for lam in lams:  # build_tcs's loss reads its args when called: one copy per lambda
+        run = {"window": args.seq_len, "data_dir": data_dir}
+        losses[lam], _, _ = build_tcs(argparse.Namespace(**{**vars(args), "tcs_lambda": lam}), student, "cpu", run)
+    grads = {lam: [] for lam in lams}
+    gen = torch.Generator().manual_seed(args.seed)
+    for b in range(args.batches):
+        x = run["get_batch"](data_dir, "train", args.batch_size, args.seq_len, gen, "cpu")  # (B, L) fixed windows
+        for lam in lams:
+            student.zero_grad(set_to_none=True)
+            loss, _ = losses[lam](student, x, torch.Generator().manual_seed(args.seed * 1000 + b))  # same t, z
+            loss.backward()
+            grads[lam].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
+    out = {}
+    for lam in lams:
+        g = torch.stack(grads[lam]).double()  # (batches, P)
+        mean = g.mean(0)
+        noise = ((g - mean) ** 2).sum(1).mean().item() * args.batches / (args.batches - 1)  # tr Cov per batch
+        out[lam] = {"signal": (mean ** 2).sum().item(), "noise": noise}
+    for lam in lams:
+        out[lam]["noise_vs_plain"] = out[lam]["noise"] / out[lams[0]]["noise"]
+        print(f"lambda {lam}: |mean grad|^2 {out[lam]['signal']:.4g}, tr Cov(batch grad) {out[lam]['noise']:.4g} "
+              f"({out[lam]['noise_vs_plain']:.3f} x lambda {lams[0]})")
+    emit({"ckpt": args.ckpt, "batches": args.batches, "batch_size": args.batch_size,
+          "by_lambda": {str(k): v for k, v in out.items()}})
+
+
+if __name__ == "__main__":
+    main()

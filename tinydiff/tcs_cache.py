@@ -1,0 +1,204 @@
+"""Where TCS targets are kept, and the windows they belong to (docs/tcs.md).
+
+Targets depend only on the window, so TCS draws its windows on a fixed chunk grid over train.bin
+(offsets k*L, grid_batch), optionally only from a fixed set of N chunks (fixed_chunks). TargetCache
+keeps the targets of the windows met so far in memory (the teacher work for a chunk is done once per
+run); DiskTargets precomputes those of a fixed set to disk, once across runs.
+
+DiskTargets. An accurate estimator (`topk`, `exact`) costs far more teacher work per window than a
+training step. DiskTargets computes the targets of every window of a fixed set once and keeps them in
+shards under ROOT/<key>/, so every later run with the same key reuses them: other epochs, runs, lambda
+values, seeds and students. A run loads them all into memory (N * L * K' * 8 bytes).
+
+The key is a sha256 of everything the targets depend on: the teacher's weights (a hash of the tensors
+it runs with, and its config), the estimator settings (estimator, topk, window, candidates, BOS id,
+TARGETS_VERSION), and the windows themselves (their length and tokens: the data's content and which
+chunks were picked). Another teacher, setting or data set gives another folder; ROOT/<key>/meta.json
+says in words what the key was made of.
+
+Each shard holds SHARD consecutive windows' targets, {"key", "shard", "rows", "ids" int32 (n, L, K'),
+"logp" fp32 (n, L, K'), "digest"}, written to a temp file and moved into place (save_checkpoint), so
+an interrupted precompute leaves whole shards only and the next run computes the missing ones
+(resume). A shard that does not load, belongs to another key or rows, or whose digest does not match
+its tensors is ignored and recomputed.
+"""
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .common import commit_files, save_checkpoint
+from .data import DataError, _open_split, windows_at
+
+TARGETS_VERSION = 2  # bump when the stored targets change meaning (2: the unbiased sparse schemes of tcs.py)
+
+
+def tensor_hash(tensors):
+    """sha256 of named tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def window_key(row):
+    """A window's lookup key: a digest of its tokens (int64)."""
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class DiskTargets:
+    """Sparse targets of a fixed set of windows (N, L), precomputed to ROOT/<key>/ and served by tokens.
+
+    compute(x (B, L)) -> (ids (B, L, K'), logp (B, L, K')) is the teacher work; settings (a JSON-able
+    dict) the estimator settings and teacher identity that, with the windows, make the key.
+    Call prepare() once (computes what is missing, then loads everything), then cache(x)."""
+
+    def __init__(self, root, windows, settings, compute, shard=64):
+        self.windows = windows.cpu().long()  # (N, L)
+        self.compute, self.shard = compute, shard
+        self.info = {"version": TARGETS_VERSION, **settings, "seq_len": self.windows.shape[1],
+                     "n_windows": len(self.windows), "windows_sha256": tensor_hash({"w": self.windows})}
+        self.key = hashlib.sha256(json.dumps(self.info, sort_keys=True).encode()).hexdigest()
+        self.dir = Path(root) / self.key[:20]
+        self.ids = self.logp = None
+        self.hits = self.misses = self.computed = 0
+
+    def shard_path(self, s):
+        return self.dir / f"shard-{s:05d}.pt"
+
+    def _load_shard(self, s, rows):
+        """The shard's (ids, logp), or None if it is missing, unreadable, partial or not this key's."""
+        try:
+            d = torch.load(self.shard_path(s), map_location="cpu", weights_only=True)
+            ids, logp = d["ids"], d["logp"]
+            ok = (d["key"] == self.key and d["shard"] == s and d["rows"] == list(rows) and ids.dtype == torch.int32
+                  and logp.dtype == torch.float32 and ids.shape == logp.shape
+                  and tuple(ids.shape[:2]) == (len(rows), self.windows.shape[1])
+                  and d["digest"] == tensor_hash({"ids": ids, "logp": logp}))
+            return (ids, logp) if ok else None
+        except Exception:  # missing, truncated, not a torch file, wrong layout: recompute it
+            return None
+
+    def prepare(self, batch_size=16):
+        """Compute every shard that is missing or invalid (progress bar; interrupting it loses at most the
+        shard in progress), then load all targets into memory. Returns self."""
+        if not (self.dir / "meta.json").exists():
+            commit_files({self.dir / "meta.json": (json.dumps(self.info, indent=2) + "\n").encode()})
+        N, parts = len(self.windows), []
+        with tqdm(total=N, desc=f"TCS targets {self.dir.name}", unit="window") as bar:
+            for s, a in enumerate(range(0, N, self.shard)):
+                rows = range(a, min(N, a + self.shard))
+                part = self._load_shard(s, rows)
+                if part is None:
+                    outs = [self.compute(self.windows[b:min(rows.stop, b + batch_size)])
+                            for b in range(rows.start, rows.stop, batch_size)]
+                    ids = torch.cat([o[0] for o in outs]).to("cpu", torch.int32)  # (n, L, K')
+                    logp = torch.cat([o[1] for o in outs]).to("cpu", torch.float32)  # (n, L, K')
+                    save_checkpoint({"key": self.key, "shard": s, "rows": list(rows), "ids": ids, "logp": logp,
+                                     "digest": tensor_hash({"ids": ids, "logp": logp})}, self.shard_path(s))
+                    part, self.computed = (ids, logp), self.computed + len(rows)
+                parts.append(part)
+                bar.update(len(rows))
+        self.ids = torch.cat([p[0] for p in parts])  # (N, L, K')
+        self.logp = torch.cat([p[1] for p in parts])  # (N, L, K')
+        self.row = {window_key(w): r for r, w in enumerate(self.windows.numpy())}
+        return self
+
+    def __call__(self, x):
+        """Targets of windows x (B, L), on x's device: from the disk set, or computed for a window outside it."""
+        rows = [self.row.get(window_key(w)) for w in x.cpu().numpy()]  # one host copy per batch
+        missing = rows.count(None)
+        self.hits, self.misses = self.hits + len(rows) - missing, self.misses + missing
+        if missing:
+            return self.compute(x)  # a window outside the fixed set: the teacher, every time
+        r = torch.tensor(rows)
+        return self.ids[r].to(x.device, torch.long), self.logp[r].to(x.device)
+
+    def stats(self):
+        return {"dir": str(self.dir), "windows": len(self.windows), "computed": self.computed, "hits": self.hits,
+                "misses": self.misses, "mb": (self.ids.numel() * 8 if self.ids is not None else 0) / 2 ** 20}
+
+
+# ----------------------------------------------------------------------------- in memory, and the chunk grid
+
+class TargetCache:
+    """Sparse targets of every window seen, keyed by its tokens (so the key is the chunk), on the CPU.
+    Stops adding (but keeps serving) once max_bytes is reached."""
+
+    def __init__(self, compute, max_bytes=1 << 30):
+        self.compute, self.max_bytes = compute, max_bytes
+        self.store, self.nbytes, self.hits, self.misses, self.seconds = {}, 0, 0, 0, 0.0
+
+    def __call__(self, x):
+        """x (B, L) -> (ids (B, L, K'), logp (B, L, K')) on x's device; computes only the misses."""
+        keys = [r.tobytes() for r in x.cpu().numpy()]
+        miss = [b for b, k in enumerate(keys) if k not in self.store]
+        hit = [b for b, k in enumerate(keys) if k in self.store]
+        self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
+        if not miss:
+            return self._stack([keys[b] for b in hit], x.device)
+        ids, logp = self._compute(x[miss])  # (b, L, K') each, b = #misses
+        self._keep([keys[b] for b in miss], ids, logp)
+        if not hit:
+            return ids, logp
+        cached_ids, cached_logp = self._stack([keys[b] for b in hit], x.device)
+        out_ids = torch.empty((len(keys),) + ids.shape[1:], dtype=torch.long, device=x.device)  # (B, L, K')
+        out_logp = torch.empty((len(keys),) + logp.shape[1:], dtype=logp.dtype, device=x.device)  # (B, L, K')
+        out_ids[miss], out_logp[miss] = ids, logp
+        out_ids[hit], out_logp[hit] = cached_ids, cached_logp
+        return out_ids, out_logp
+
+    def _stack(self, keys, device):
+        ids = torch.stack([self.store[k][0] for k in keys]).to(device, torch.long)  # (b, L, K')
+        logp = torch.stack([self.store[k][1] for k in keys]).to(device)  # (b, L, K')
+        return ids, logp
+
+    def _compute(self, x):
+        t0 = time.perf_counter()
+        out = self.compute(x)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _keep(self, keys, ids, logp):
+        ids_c, logp_c = ids.to("cpu", torch.int32), logp.cpu()
+        for k, i, lp in zip(keys, ids_c, logp_c):
+            size = i.numel() * 4 + lp.numel() * lp.element_size()
+            if self.nbytes + size > self.max_bytes:
+                return
+            self.store[k] = (i.clone(), lp.clone())  # clone: do not pin the whole batch's storage
+            self.nbytes += size
+
+    def stats(self):
+        return {"chunks": len(self.store), "hits": self.hits, "misses": self.misses, "mb": self.nbytes / 2 ** 20,
+                "teacher_seconds": self.seconds}
+
+
+def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu", chunks=None):
+    """Like data.get_batch, but windows start on the fixed chunk grid 0, L, 2L, ... of the split, so a
+    window's TCS targets can be cached and reused in later epochs; chunks (n,): draw only from these."""
+    data = _open_split(data_dir, split)
+    n_chunks = len(data) // seq_len
+    if n_chunks < 1:
+        raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}")
+    if chunks is None:
+        ix = torch.randint(n_chunks, (batch_size,), generator=generator) * seq_len  # (B,) chunk starts
+    else:
+        ix = chunks[torch.randint(len(chunks), (batch_size,), generator=generator)] * seq_len  # (B,)
+    return windows_at(data, ix, seq_len, device)
+
+
+def fixed_chunks(data_dir, seq_len, n):
+    """A fixed training set: n chunks of the train split's grid, evenly spaced over it (all of them when
+    n >= the grid's size), (n,) int64. The same for every run on this data and seq_len."""
+    n_chunks = len(_open_split(data_dir, "train")) // seq_len
+    if n_chunks < 1:
+        raise DataError(f"the train split of {data_dir} is shorter than seq_len = {seq_len}")
+    if n >= n_chunks:
+        return torch.arange(n_chunks)
+    return torch.linspace(0, n_chunks - 1, n, dtype=torch.float64).round().long()  # distinct: spacing >= 1
