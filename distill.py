@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, load_meta, prepare
+from tinydiff.data import DataError, load_tokenizer, prepare_for, tokenizer_from_spec, tokenizer_key
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.loop import add_run_args, train
@@ -89,19 +89,19 @@ def main():
     if tckpt["kind"] != want:
         raise UserError(f"--teacher {args.teacher} is a {tckpt['kind']} checkpoint; --method {args.method} needs "
                         f"{name} teacher (train.py --model {want})")
-    tok = get_tokenizer(tckpt["tokenizer"]["name"])
+    tok = tokenizer_from_spec(tckpt["tokenizer"])  # the teacher's own (bpe: its merges)
     if args.tokenizer not in (None, tok.name):
         raise UserError(f"--tokenizer {args.tokenizer} differs from the teacher's ({tok.name}): the student shares "
                         f"the teacher's tokenizer; drop --tokenizer")
     args.tokenizer = tok.name
     if args.data is not None:
-        data_dir = prepare(args.data, tok.name)
+        data_dir = prepare_for(args.data, tok)
     elif os.path.isfile(os.path.join(tckpt.get("data_dir") or "", "meta.json")):
         data_dir = tckpt["data_dir"]  # the teacher's prepared data, as it was trained on
     else:  # prepared elsewhere (another working directory): prepare the same source here
-        data_dir = prepare(tckpt["args"]["data"], tok.name)
-    if load_meta(data_dir)["tokenizer"] != tok.name:
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.name})")
+        data_dir = prepare_for(tckpt["args"]["data"], tok)
+    if load_tokenizer(data_dir).key != tok.key:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.key})")
     args.data = args.data or tckpt["args"]["data"]
 
     resume = load_checkpoint(f"{args.out_dir}/ckpt.pt") if args.resume else None
@@ -110,7 +110,7 @@ def main():
                         f"use another --out_dir or the same --method")
     schedule = LogLinearSchedule()
     meta = {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher,
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "tokenizer": tok.spec(),
             "data_dir": str(data_dir), "mask_id": tok.vocab_size}
     hooks = []
 
@@ -181,8 +181,8 @@ def main():
             student = Transformer(ModelConfig(**c)).to(device)
         else:
             ickpt = load_checkpoint(init)
-            if ickpt["kind"] != "mdlm" or ickpt["tokenizer"]["name"] != tok.name:
-                raise UserError(f"--init {init} must be an MDLM checkpoint with the teacher's tokenizer ({tok.name})")
+            if ickpt["kind"] != "mdlm" or tokenizer_key(ickpt["tokenizer"]) != tok.key:
+                raise UserError(f"--init {init} must be an MDLM checkpoint with the teacher's tokenizer ({tok.key})")
             student = model_from_checkpoint(ickpt, device, use_ema=True).train()
         cfg, mask_id = student.cfg, tok.vocab_size
         meta["sample_steps"] = args.seq_len
@@ -198,7 +198,8 @@ def main():
         return val_metrics(m, "mdlm", val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
 
     meta.update(config=cfg.to_dict(), args=vars(args))
-    run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len}
+    run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": args.seq_len,
+           "tokenizer": tok.spec()}
     if args.method == "tcs":  # the teacher, its loss and target cache; sets run["get_batch"] to the chunk-grid batcher
         loss_fn, tcs_hooks, meta_extra = build_tcs(args, student, device, run)
         hooks += list(tcs_hooks)

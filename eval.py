@@ -38,7 +38,7 @@ import torch
 
 from tinydiff.common import (UserError, autocast_ctx, die, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
-from tinydiff.data import DataError, get_tokenizer, prepare
+from tinydiff.data import DataError, prepare_for, tokenizer_from_spec
 from tinydiff.evaluate import (check_judge, heldout_windows, lambada, read_lambada, retokenize, sample_metrics,
                                val_metrics)
 from tinydiff.sampler import ar_sample, diffusion_sample
@@ -75,7 +75,7 @@ def main():
     autocast = autocast_ctx(device, dtype)
     print(f"device {device} ({why}) | network dtype {dtype} | sampling draws float64 | judge float32")
     ckpt = load_checkpoint(args.ckpt)
-    kind, tok = ckpt["kind"], get_tokenizer(ckpt["tokenizer"]["name"])
+    kind, tok = ckpt["kind"], tokenizer_from_spec(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context, mask_id = model.cfg.seq_len, ckpt.get("mask_id")
     L = args.gen_len or context
@@ -101,7 +101,7 @@ def main():
         except UserError as e:
             raise UserError(f"judge: {e}") from None
         retok = check_judge(jckpt, tok, args.retokenize, args.judge)
-        judge_tok = get_tokenizer(jckpt["tokenizer"]["name"])
+        judge_tok = tokenizer_from_spec(jckpt["tokenizer"])
         judge = model_from_checkpoint(jckpt, device, use_ema=not args.no_ema)
         if not retok and L - 1 > judge.cfg.seq_len:
             raise UserError(f"the judge's context {judge.cfg.seq_len} is too short for samples of {L} tokens "
@@ -115,7 +115,7 @@ def main():
 
     # ------------------------------------------------------------------ held-out data and val PPL
     source = args.data or ckpt.get("args", {}).get("data", "stdlib")
-    data_dir = prepare(source, tok.name)
+    data_dir = prepare_for(source, tok)  # a bpe checkpoint: the data its merges came from
     record = {"ckpt": args.ckpt, "kind": kind, "tokenizer": tok.name, "data_dir": str(data_dir), "ema": not args.no_ema,
               "judge": args.judge, "judge_tokenizer": judge_tok.name if judge_tok else None, "retokenized": retok,
               "judge_dtype": "float32", "network_dtype": dtype, "sampling_dtype": "float64", "device": device,

@@ -16,7 +16,7 @@ import torch
 
 from tinydiff.common import (UserError, autocast_ctx, commit_files, die, emit, load_checkpoint, make_generator,
                              model_from_checkpoint, pick_device, pick_dtype)
-from tinydiff.data import DataError, get_tokenizer
+from tinydiff.data import DataError, tokenizer_from_spec
 from tinydiff.sampler import ar_sample, diffusion_sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +40,7 @@ args = parser.parse_args()
 def main():
     device, _ = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    tok = get_tokenizer(ckpt["tokenizer"]["name"])
+    tok = tokenizer_from_spec(ckpt["tokenizer"])  # the checkpoint's own (bpe: its merges)
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context = model.cfg.seq_len
     seq_len = args.seq_len or context

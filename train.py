@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from tinydiff.common import UserError, die, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import DataError, get_tokenizer, prepare
+from tinydiff.data import DataError, load_tokenizer, prepare, tokenizer_key
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
-from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
+from tinydiff.evaluate import heldout_windows, per_byte, val_metrics, val_window_len
 from tinydiff.loop import add_run_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.presets import apply_preset
@@ -35,6 +35,8 @@ parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
 add_run_args(parser)
+parser.add_argument("--vocab_size", type=int, default=4096,
+                    help="--tokenizer bpe: ids learned from the training split (256 bytes + merges + end-of-text)")
 # the CPU default: ~8.5 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 0.86M-parameter model beats
 # train.py's earlier 2.8M default (6L/192d: 2.7x fewer tokens in the same time), as compute-optimal scaling predicts
 parser.set_defaults(seq_len=256, max_iters=1300, batch_size=16, lr=3e-3, warmup=100, eval_interval=650)
@@ -46,23 +48,25 @@ def main():
     torch.manual_seed(args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
 
-    # data: prepared once under data/<source>-<tokenizer>/, reused afterwards
-    data_dir = prepare(args.data, args.tokenizer)
-    tok = get_tokenizer(args.tokenizer)
+    # data: prepared once under data/<source>-<tokenizer>/ (bpe: its merges learned then), reused afterwards
+    data_dir = prepare(args.data, args.tokenizer, vocab_size=args.vocab_size)
+    tok = load_tokenizer(data_dir)
 
     # model: MDLM gets one extra embedding row for [MASK] (id = tokenizer vocab size)
     resume = init = None
     if args.resume:
         resume = load_checkpoint(f"{args.out_dir}/ckpt.pt")
-        if resume["kind"] != args.model or resume["tokenizer"]["name"] != tok.name:
-            raise UserError(f"{args.out_dir}/ckpt.pt is a {resume['kind']} model with the {resume['tokenizer']['name']} "
-                            f"tokenizer: resume with the same --model and --tokenizer, or use another --out_dir")
+        if resume["kind"] != args.model or tokenizer_key(resume["tokenizer"]) != tok.key:
+            raise UserError(f"{args.out_dir}/ckpt.pt is a {resume['kind']} model with the "
+                            f"{tokenizer_key(resume['tokenizer'])} tokenizer, not {tok.key}: resume with the same "
+                            f"--model, --tokenizer (--vocab_size) and --data, or use another --out_dir")
         cfg = ModelConfig(**resume["config"])
     elif args.init_from:
         init = load_checkpoint(args.init_from)  # a path, or a published model converted by tinydiff/hub.py
-        if init["kind"] != args.model or init["tokenizer"]["name"] != tok.name:
-            raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the {init['tokenizer']['name']} "
-                            f"tokenizer: use --model {init['kind']} --tokenizer {init['tokenizer']['name']}")
+        if init["kind"] != args.model or tokenizer_key(init["tokenizer"]) != tok.key:
+            raise UserError(f"--init_from {args.init_from} is a {init['kind']} model with the "
+                            f"{tokenizer_key(init['tokenizer'])} tokenizer, not {tok.key}: use --model {init['kind']} "
+                            f"--tokenizer {init['tokenizer']['name']} (a bpe model: its --vocab_size and --data)")
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
         cfg = ModelConfig(**init["config"])
     else:
@@ -81,8 +85,10 @@ def main():
     # loss and held-out evaluation (the same fixed windows at every eval)
     schedule = LogLinearSchedule()
     if args.model == "mdlm":
+        masked_only = device == "cpu" and not use_compile  # output head at masked positions only (nelbo_loss)
+
         def loss_fn(fwd, x, gen):
-            return nelbo_loss(fwd, x, schedule, mask_id, gen)[0], {}
+            return nelbo_loss(fwd, x, schedule, mask_id, gen, masked_only=masked_only)[0], {}
     else:
         def loss_fn(fwd, x, gen):
             logits = fwd(x[:, :-1])  # (B, L, V)
@@ -95,7 +101,7 @@ def main():
         return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast)
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "tokenizer": tok.spec(),  # bpe: with its merges, so sample/eval/distill decode without the data
             "data_dir": str(data_dir), "sample_steps": args.seq_len if args.model == "mdlm" else None}
     run = {"device": device, "autocast": autocast, "compile": use_compile, "data_dir": data_dir, "window": window}
     summary = train(model, loss_fn, evaluate, args, run, meta, resume)
@@ -111,7 +117,19 @@ def main():
     print("-" * 30 + " sample " + "-" * 30)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
-    emit({"model": args.model, "params": model.num_params(), **summary})
+
+    # the numbers in context: per byte (comparable across tokenizers) next to a unigram model of the corpus
+    ctx = per_byte(data_dir, tok, args.seq_len, args.eval_tokens, summary["val_loss"]) if "val_loss" in summary else {}
+    if ctx:
+        what = "val bound" if args.model == "mdlm" else "val NLL"
+        print(f"held-out: {ctx['heldout_tokens']:,} tokens = {ctx['heldout_bytes']:,} bytes | {what} "
+              f"{ctx['val_loss_per_byte']:.3f} nats/byte | a unigram model of the training split: "
+              f"{ctx['unigram_per_byte']:.3f} nats/byte")
+    if args.model == "mdlm":  # the same flags but --model and --out_dir
+        same = [f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items()
+                if k not in ("model", "out_dir", "resume", "init_from") and v != parser.get_default(k)]
+        print(f"the AR baseline of the same size: python train.py --model ar --out_dir {args.out_dir}-ar " + " ".join(same))
+    emit({"model": args.model, "params": model.num_params(), **summary, **ctx})
 
 
 if __name__ == "__main__":

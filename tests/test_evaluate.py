@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from harness import exact_sampler_law, z_threshold
 from tinydiff.common import UserError
-from tinydiff.data import get_tokenizer
+from tinydiff.data import BPETokenizer, get_tokenizer
 from tinydiff.evaluate import (_lambada_inputs, check_judge, heldout_windows, judge_nll, lambada, mean_entropy,
                                read_lambada, sample_metrics, self_bleu, split_last_word, unigram_entropy, val_metrics)
 from tinydiff.sampler import diffusion_sample
@@ -279,7 +279,7 @@ def run_scripts(jobs, cwd):
 
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt"]
+        "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt", "--tokenizer", "bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +343,12 @@ def test_check_judge():
     with pytest.raises(UserError, match="--retokenize"):
         check_judge(other, bytes_tok, False, "j.pt")
     assert check_judge(other, bytes_tok, retokenize=True, path="j.pt") is True
+    # two bpe tokenizers are the same only with the same merges: the name alone does not make a judge fit
+    a = BPETokenizer.learn(["def f(self):\n    return self.x\n" * 3], 262)
+    b = BPETokenizer.learn(["while n < 3:\n    n += 1\n" * 3], 262)
+    assert a.name == b.name and a.vocab_size == b.vocab_size and a.key != b.key
+    judge_a = {"kind": "ar", "tokenizer": a.spec()}
+    assert check_judge(judge_a, a, retokenize=False, path="j.pt") is False
+    with pytest.raises(UserError, match=f"uses the {a.key} tokenizer but the model uses {b.key}.*--retokenize"):
+        check_judge(judge_a, b, False, "j.pt")
+    assert check_judge(judge_a, b, retokenize=True, path="j.pt") is True

@@ -5,6 +5,13 @@ On disk (design.md §3), one folder per (source, tokenizer) under ROOT (default 
     ROOT/<name>-<tokenizer>/train.bin   uint16 token ids, every document followed by the eot id
     ROOT/<name>-<tokenizer>/val.bin     same layout, the held-out documents
     ROOT/<name>-<tokenizer>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source, source_hash
+    ROOT/<name>-bpe<V>/bpe.json         bpe only: the merges learned from this source's train split
+
+Tokenizers: 'bytes' (257 ids), 'gpt2' (tiktoken's GPT-2 BPE) and 'bpe' (a byte-level BPE of --vocab_size
+ids learned from the training split when the folder is prepared; tinydiff/bpe.py). A tokenizer is
+described by spec() (name, vocab_size, eot_id, and for bpe its merges and their sha256), which every
+checkpoint carries: tokenizer_from_spec() rebuilds it without the data folder, and two tokenizers are
+the same when their keys are (for bpe: the merges' hash, not the name).
 
 <name> is 'stdlib', 'shakespeare', 'owt', 'tinystories', or for a local path its sanitized name plus
 8 hex chars of a hash of its absolute path (two folders both called 'notes' do not collide). prepare()
@@ -26,6 +33,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 from collections import deque
 from pathlib import Path
 
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import bpe
 from .common import DataError, commit_files, temp_path
 from .dist import rank0_first
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
@@ -48,6 +57,19 @@ class Tokenizer:
 
     def _bytes(self, ids):
         raise NotImplementedError
+
+    def spec(self):
+        """What a checkpoint stores to rebuild this tokenizer (tokenizer_from_spec)."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    @property
+    def key(self):
+        return tokenizer_key(self.spec())
+
+    def byte_lengths(self):
+        """(vocab_size,) UTF-8 bytes of each id's text; end-of-text counts 1 (as the byte tokenizer's eot id does),
+        so nats per byte compare across tokenizers."""
+        return np.array([1 if i == self.eot_id else len(self._bytes([i])) for i in range(self.vocab_size)])
 
     def decode(self, ids):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -101,13 +123,79 @@ class GPT2Tokenizer(Tokenizer):
         return self.enc.decode_bytes(ids)
 
 
-TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer}
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE learned from a corpus (tinydiff/bpe.py): ids 0..255 the bytes, 256 + i merge i, then
+    end-of-text (the last id). Encoded by tiktoken with the learned ranks and GPT-2's pre-tokenisation."""
+    name = "bpe"
+
+    def __init__(self, merges):
+        import tiktoken  # a dependency (requirements.txt); lazy like the gpt2 tokenizer's
+        self.merges = [tuple(m) for m in merges]
+        self.sha256 = hashlib.sha256(json.dumps(self.merges).encode()).hexdigest()
+        self.enc = tiktoken.Encoding(f"tinydiff-bpe-{self.sha256[:12]}", pat_str=bpe.PATTERN,
+                                     mergeable_ranks=bpe.ranks(self.merges), special_tokens={})
+        self.vocab_size = 256 + len(self.merges) + 1
+        self.eot_id = self.vocab_size - 1
+
+    @classmethod
+    def learn(cls, texts, vocab_size):
+        return cls(bpe.learn_merges(texts, vocab_size - 257))
+
+    def spec(self):
+        return {**super().spec(), "merges": [list(m) for m in self.merges], "merges_sha256": self.sha256}
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def _bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+
+TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
 
 
 def get_tokenizer(name="bytes"):
     if name not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+    if name == "bpe":
+        raise DataError("the bpe tokenizer is learned from a corpus: prepare(source, 'bpe', vocab_size=V) learns it, "
+                        "load_tokenizer(data_dir) loads it, and a checkpoint carries its own (tokenizer_from_spec)")
     return TOKENIZERS[name]()
+
+
+def tokenizer_key(spec):
+    """The identity of a tokenizer spec: its name, and for a learned bpe the hash of its merges."""
+    return f"bpe-{spec['merges_sha256'][:16]}" if spec.get("merges_sha256") else spec["name"]
+
+
+def tokenizer_from_spec(spec):
+    """The tokenizer a checkpoint's spec describes (self-describing: no data folder needed)."""
+    try:
+        if spec["name"] != "bpe":
+            return get_tokenizer(spec["name"])
+        tok = BPETokenizer(spec["merges"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise DataError(f"corrupt tokenizer description (name, merges) in a checkpoint or bpe.json: {str(spec)[:80]}") \
+            from None
+    if tok.sha256 != spec.get("merges_sha256", tok.sha256):
+        raise DataError(f"the bpe merges do not match their recorded hash {spec['merges_sha256'][:16]}: corrupt file")
+    return tok
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a prepared folder was tokenised with (bpe: its bpe.json)."""
+    meta = load_meta(data_dir)
+    if meta["tokenizer"] != "bpe":
+        return get_tokenizer(meta["tokenizer"])
+    try:
+        spec = json.loads((Path(data_dir) / "bpe.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{data_dir}/bpe.json is missing or corrupt: delete {data_dir} and prepare it again") from None
+    tok = tokenizer_from_spec(spec)
+    if tok.sha256 != meta.get("merges_sha256"):
+        raise DataError(f"{data_dir}/bpe.json does not hold the merges meta.json records: delete {data_dir} and "
+                        f"prepare it again")
+    return tok
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -119,9 +207,11 @@ def _is_prepared(out, meta_want):
     """True when out/ holds a complete dataset for the same source content and tokenizer."""
     try:
         meta = json.loads((out / "meta.json").read_text())
-        return (all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "source_hash"))
+        return (all(meta.get(k) == meta_want.get(k) for k in ("version", "tokenizer", "vocab_size", "source_hash",
+                                                             "bpe_trainer"))
                 and (out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
-                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
+                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"]
+                and (meta["tokenizer"] != "bpe" or (out / "bpe.json").is_file()))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -139,9 +229,9 @@ def _encode(tok, texts):
     return np.array(ids, dtype=np.uint16)  # (tokens,)
 
 
-def _init_worker(tokenizer_name):
+def _init_worker(tokenizer_spec):
     global _WORKER_TOK
-    _WORKER_TOK = get_tokenizer(tokenizer_name)
+    _WORKER_TOK = tokenizer_from_spec(tokenizer_spec)
 
 
 def _encode_in_worker(texts):
@@ -160,7 +250,7 @@ def _token_chunks(docs, tok, num_proc, desc):
                 yield _encode(tok, doc_texts(docs, a, b))
                 bar.update(b - a)
             return
-        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.name,)) as pool:
+        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.spec(),)) as pool:
             pending = deque()
             for a, b in bounds:
                 pending.append((b - a, pool.apply_async(_encode_in_worker, (doc_texts(docs, a, b),))))
@@ -193,10 +283,15 @@ def _source_hash(train_docs, val_docs):
     return hash_documents(doc_texts(train_docs, 0, len(train_docs)), doc_texts(val_docs, 0, len(val_docs)))
 
 
-def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
-    """Tokenize both splits into temp files beside out/, then commit them with meta.json last."""
+def _write_dataset(out, meta, train_docs, val_docs, num_proc, source):
+    """Make the tokenizer (bpe: learn it), tokenize both splits into temp files beside out/, then commit them
+    (and bpe.json) with meta.json last."""
     if (out / "meta.json").exists():
         print(f"{out}: the source or tokenizer changed since it was prepared, preparing it again")
+    tok, files = _make_tokenizer(meta, train_docs), {}
+    if tok.name == "bpe":
+        meta["merges_sha256"] = tok.sha256
+        files[out / "bpe.json"] = (json.dumps(tok.spec()) + "\n").encode()
     if num_proc is None:  # a Pool pays off only for many documents
         num_proc = min(os.cpu_count() or 1, 32) if len(train_docs) >= 8 * CHUNK_DOCS else 1
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +306,7 @@ def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
                             f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
         meta.update(train_tokens=n_train, val_tokens=n_val, n_documents=len(train_docs) + len(val_docs),
                     n_train_documents=len(train_docs), n_val_documents=len(val_docs))
-        commit_files({bins["train"]: tmps["train"], bins["val"]: tmps["val"],
+        commit_files({bins["train"]: tmps["train"], bins["val"]: tmps["val"], **files,
                       out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: the commit marker
     finally:
         for tmp in tmps.values():
@@ -223,9 +318,8 @@ def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
     return out
 
 
-def _meta(tok, where, source_hash):
-    return {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "source": where, "source_hash": source_hash}
+def _meta(tok_meta, where, source_hash):
+    return {"version": META_VERSION, **tok_meta, "source": where, "source_hash": source_hash}
 
 
 def _get_tokenizer(tokenizer_name):
@@ -234,43 +328,95 @@ def _get_tokenizer(tokenizer_name):
     return tok
 
 
-def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None):
+BPE_LEARN_BYTES = 64 * 2 ** 20  # bpe merges are learned from (at most) the first 64 MiB of the training split
+
+
+def _recipe(tokenizer_name, vocab_size):
+    """(folder suffix, meta fields) of a tokenizer, known before a bpe one is learned (so a prepared folder is
+    found without learning it again)."""
+    if tokenizer_name != "bpe":
+        tok = _get_tokenizer(tokenizer_name)
+        return tok.name, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    if not isinstance(vocab_size, int) or not 258 <= vocab_size <= 2 ** 16:
+        raise DataError(f"--tokenizer bpe needs a --vocab_size between 258 and 65536 (got {vocab_size}), e.g. 4096")
+    return f"bpe{vocab_size}", {"tokenizer": "bpe", "vocab_size": vocab_size, "eot_id": vocab_size - 1,
+                                "bpe_trainer": bpe.VERSION}
+
+
+def _learn_texts(docs):
+    """The training documents' texts, up to BPE_LEARN_BYTES characters in all."""
+    seen = 0
+    for a in range(0, len(docs), CHUNK_DOCS):
+        for text in doc_texts(docs, a, min(a + CHUNK_DOCS, len(docs))):
+            yield text
+            seen += len(text)
+            if seen >= BPE_LEARN_BYTES:
+                return
+
+
+def _make_tokenizer(meta, train_docs):
+    """The tokenizer meta describes: bytes / gpt2 by name; bpe learned here from the training documents."""
+    if meta["tokenizer"] != "bpe":
+        return _get_tokenizer(meta["tokenizer"])
+    t0 = time.time()
+    tok = BPETokenizer.learn(_learn_texts(train_docs), meta["vocab_size"])
+    if tok.vocab_size < meta["vocab_size"]:
+        raise DataError(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is merged): "
+                        f"use --vocab_size {tok.vocab_size} or less, or a bigger corpus")
+    print(f"learned {len(tok.merges)} bpe merges from the training split in {time.time() - t0:.1f}s")
+    return tok
+
+
+def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None,
+                      vocab_size=None):
     """Tokenize documents of your own into ROOT/<name>-<tokenizer>/ (unless already there); returns that folder.
     train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of strings."""
-    tok = _get_tokenizer(tokenizer_name)
-    out = Path(root) / f"{name}-{tok.name}"
-    meta = _meta(tok, where or name, _source_hash(train_docs, val_docs))
+    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
+    out = Path(root) / f"{name}-{suffix}"
+    meta = _meta(tok_meta, where or name, _source_hash(train_docs, val_docs))
     if _is_prepared(out, meta):
         return out
-    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, name)
+    return _write_dataset(out, meta, train_docs, val_docs, num_proc, name)
 
 
-def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None):
+def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None, vocab_size=None):
     """Make sure ROOT/<name>-<tokenizer>/ holds the tokenized source; returns that folder.
+    tokenizer_name 'bpe' learns vocab_size ids from the training split (folder <name>-bpe<vocab_size>).
     num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1).
     Under torchrun, rank 0 prepares while the other ranks wait; they then find the folder ready."""
     with rank0_first():
-        return _prepare(source, tokenizer_name, root, num_proc)
+        return _prepare(source, tokenizer_name, root, num_proc, vocab_size)
 
 
-def _prepare(source, tokenizer_name, root, num_proc):
-    tok = _get_tokenizer(tokenizer_name)
+def prepare_for(source, tok, root="data", num_proc=None):
+    """Prepare `source` for an existing tokenizer (a checkpoint's). A bpe tokenizer is learned from the data it
+    was trained on, so the folder's merges must be the same: another source is refused."""
+    data_dir = prepare(source, tok.name, root, num_proc, vocab_size=tok.vocab_size)
+    have = load_tokenizer(data_dir)
+    if have.key != tok.key:
+        raise DataError(f"{data_dir} is tokenized with {have.key}, but the checkpoint's tokenizer is {tok.key}: a bpe "
+                        f"model reads only the data its merges were learned from (its training --data)")
+    return data_dir
+
+
+def _prepare(source, tokenizer_name, root, num_proc, vocab_size):
+    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
     if source in HF_SOURCES:
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading
         # the dataset (OpenWebText's ~40 GB) again
         spec = HF_SOURCES[source]
-        out = Path(root) / f"{source}-{tok.name}"
-        meta = _meta(tok, f"hf:{spec['path']}", hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
+        out = Path(root) / f"{source}-{suffix}"
+        meta = _meta(tok_meta, f"hf:{spec['path']}", hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
         if _is_prepared(out, meta):
             return out
         train_docs, val_docs = hf_documents(source)
-        return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+        return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
     name, train_docs, val_docs, where = local_documents(source, root)
-    out = Path(root) / f"{name}-{tok.name}"
-    meta = _meta(tok, where, hash_documents(train_docs, val_docs))
+    out = Path(root) / f"{name}-{suffix}"
+    meta = _meta(tok_meta, where, hash_documents(train_docs, val_docs))
     if _is_prepared(out, meta):
         return out
-    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+    return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
 
 
 def load_meta(data_dir):

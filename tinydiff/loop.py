@@ -37,7 +37,8 @@ PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): che
 def add_run_args(p):
     """Flags shared by every training script (one vocabulary across train.py and distill.py)."""
     p.add_argument("--data", default="stdlib", help="stdlib (offline default), shakespeare, or a text file/folder")
-    p.add_argument("--tokenizer", default="bytes", help="bytes (default, 257 ids) or gpt2 (tiktoken)")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="bytes (257 ids), gpt2 (tiktoken) or bpe (learned from the training split, --vocab_size ids)")
     p.add_argument("--out_dir", default="out", help="where ckpt.pt is written")
     p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch (per process under torchrun)")

@@ -42,7 +42,7 @@ import time
 import torch
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import DataError, _open_split, windows_at
+from .data import DataError, _open_split, tokenizer_key, windows_at
 from .diffusion import LogLinearSchedule, forward_mask, masked_log_probs, sample_times
 from .model import Transformer
 
@@ -342,13 +342,13 @@ def add_tcs_args(parser):
         _add(parser, flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
 
 
-def load_teacher(path, tokenizer_name, student_vocab, window, device):
+def load_teacher(path, student_tok, student_vocab, window, device):
     """Load the AR teacher (EMA weights when present), refusing anything that cannot teach this student."""
     ckpt = load_checkpoint(path)
     if ckpt["kind"] != "ar":
         raise UserError(f"--teacher {path} is a {ckpt['kind']} model: TCS needs an AR teacher "
                         f"(train one with train.py --model ar)")
-    check_tokenizers(ckpt["tokenizer"], tokenizer_name, student_vocab, path)
+    check_tokenizers(ckpt["tokenizer"], student_tok, student_vocab, path)
     if ckpt["config"]["seq_len"] < window:
         raise UserError(f"TCS window {window} is longer than the teacher's context {ckpt['config']['seq_len']}: "
                         f"use --seq_len {ckpt['config']['seq_len']} or less")
@@ -356,20 +356,27 @@ def load_teacher(path, tokenizer_name, student_vocab, window, device):
     return teacher, ckpt
 
 
-def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher"):
-    """Teacher and student must share the tokenizer: the targets are distributions over its ids."""
-    if teacher_tok["name"] != tokenizer_name or teacher_tok["vocab_size"] + 1 != student_vocab:
-        raise UserError(f"tokenizer mismatch: the teacher {path} uses {teacher_tok['name']} "
-                        f"({teacher_tok['vocab_size']} ids) but the student uses {tokenizer_name} "
-                        f"({student_vocab - 1} ids + [MASK]); TCS needs the same tokenizer: pass "
-                        f"--tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer {tokenizer_name}")
+def check_tokenizers(teacher_tok, student_tok, student_vocab, path="--teacher"):
+    """Teacher and student must share the tokenizer: the targets are distributions over its ids.
+    teacher_tok: the teacher checkpoint's spec; student_tok: a spec or a tokenizer name. Compared by key:
+    two bpe tokenizers are the same only with the same merges."""
+    student_tok = {"name": student_tok} if isinstance(student_tok, str) else student_tok
+    teacher, student = tokenizer_key(teacher_tok), tokenizer_key(student_tok)
+    if teacher != student or teacher_tok["vocab_size"] + 1 != student_vocab:
+        raise UserError(f"tokenizer mismatch: the teacher {path} uses {teacher} "
+                        f"({teacher_tok['vocab_size']} ids) but the student uses {student} "
+                        f"({student_vocab - 1} ids + [MASK]); TCS needs the same tokenizer (bpe: the same merges): "
+                        f"pass --tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer "
+                        f"{student_tok['name']}")
 
 
 def build_tcs(args, student, device, run):
     """Everything distill.py --method tcs hands to loop.train: (loss_fn, hooks, meta_extra).
     Sets run["get_batch"] = grid_batch so a loop that honours it draws chunk-aligned windows."""
     mask_id = student.cfg.vocab_size - 1
-    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, run["window"], device)
+    # the student's tokenizer: its spec from distill.py (bpe: with the merges' hash), else the --tokenizer name
+    teacher, ckpt = load_teacher(args.teacher, run.get("tokenizer", args.tokenizer), student.cfg.vocab_size,
+                                 run["window"], device)
     bos_id = ckpt["tokenizer"]["eot_id"]
     if args.estimator == "exact" and run["window"] * ckpt["config"]["vocab_size"] > 1e5:
         print(f"warning: exact TCS targets rescore {run['window']} x {ckpt['config']['vocab_size']} sequences "
