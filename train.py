@@ -42,7 +42,7 @@ parser.add_argument("--vocab_size", type=int, default=4096,
 # the CPU default: ~9 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 4L/128d body beats train.py's earlier
 # 6L/192d (2.7x fewer tokens in the same time), as compute-optimal scaling predicts; a 4096-id BPE learned from
 # the corpus (3.5 bytes a token) carries ~3x the text of bytes per step (docs/tokenizers.md)
-parser.set_defaults(seq_len=256, max_iters=1800, batch_size=16, lr=3e-3, warmup=100, eval_interval=900, tokenizer="bpe")
+parser.set_defaults(seq_len=256, max_iters=1600, batch_size=16, lr=3e-3, warmup=100, eval_interval=800, tokenizer="bpe")
 args = apply_preset(parser)  # --preset NAME sets defaults (printed); explicit flags still win
 
 
