@@ -3,8 +3,8 @@ r"""Train a masked diffusion LM (MDLM, default) or an autoregressive baseline on
 CPU, the default (MDLM on the Python standard library with a 4096-id BPE learned from it, ~9 min on
 2 cores, samples built from Python's own pieces; docs/tokenizers.md):
     python train.py
-The byte-level MDLM of earlier defaults (257 ids; at the same budget its samples have Python's layout only):
-    python train.py --tokenizer bytes --max_iters 1370
+The byte-level MDLM of earlier defaults (257 ids; at the same training time its samples have Python's layout only):
+    python train.py --tokenizer bytes --max_iters 1910
 The AR baseline / judge of the same size on the same data (train.py prints this command at the end):
     python train.py --model ar --out_dir out-ar
 GPU, MDLM small on OpenWebText-scale data (see README for presets and costs):

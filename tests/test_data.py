@@ -359,8 +359,12 @@ def test_bpe_round_trip_any_text():
     assert tok.byte_lengths()[tok.encode(" return")].sum() == 7 and tok.byte_lengths()[tok.eot_id] == 1
 
 
-def test_bpe_errors(tmp_path):
+def test_bpe_errors(tmp_path, monkeypatch):
     src = write(tmp_path / "t.txt", TEXT)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
+        with pytest.raises(DataError, match="pip install tiktoken"):
+            prepare(str(src), "bpe", root=str(tmp_path / "data"), vocab_size=300)
     with pytest.raises(DataError, match="--vocab_size"):
         prepare(str(src), "bpe", root=str(tmp_path / "data"))  # no size given
     with pytest.raises(DataError, match="allows only"):

@@ -286,8 +286,10 @@ TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", 
 def ckpts(tmp_path_factory):
     """An AR model (bytes) and an MDLM (gpt2), tiny, 2 iterations each, written by train.py."""
     tmp = tmp_path_factory.mktemp("eval")
-    with open(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
-        (tmp / "tiny.txt").write_text(f.read(8000))
+    # English-like text made here (tests read nothing outside the repository)
+    words = "the king said that all his men would ride to the old castle before night and rest there".split()
+    (tmp / "tiny.txt").write_text("".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) + ".\n"
+                                          for i in range(200)))
     jobs = [("train.py", *TINY, "--model", "ar", "--out_dir", "ar"),
             ("train.py", *TINY, "--tokenizer", "gpt2", "--out_dir", "mdlm_gpt2")]
     for r in run_scripts(jobs, tmp):

@@ -21,8 +21,6 @@ rank order to each pre-token, in Rust, so 11 MB tokenise in seconds.
 import heapq
 from collections import Counter, defaultdict
 
-import regex  # installed with tiktoken; the stdlib `re` has no \p{L}
-
 VERSION = 1  # bump when learn_merges changes what it returns: prepared folders are then rebuilt
 # GPT-2's pre-tokenisation pattern, as tiktoken's "gpt2" encoding spells it
 PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -30,6 +28,7 @@ PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 
 def learn_merges(texts, n_merges):
     """Learn up to n_merges merges from an iterable of strings. Returns [(a, b), ...]: merge i makes id 256 + i."""
+    import regex  # installed with tiktoken (lazy: the bytes tokenizer needs neither); the stdlib `re` has no \p{L}
     counts = Counter()
     for text in texts:
         counts.update(regex.findall(PATTERN, text))  # each pre-token and how often it occurs

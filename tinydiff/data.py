@@ -129,7 +129,7 @@ class BPETokenizer(Tokenizer):
     name = "bpe"
 
     def __init__(self, merges):
-        import tiktoken  # a dependency (requirements.txt); lazy like the gpt2 tokenizer's
+        tiktoken = self._tiktoken()
         self.merges = [tuple(m) for m in merges]
         self.sha256 = hashlib.sha256(json.dumps(self.merges).encode()).hexdigest()
         self.enc = tiktoken.Encoding(f"tinydiff-bpe-{self.sha256[:12]}", pat_str=bpe.PATTERN,
@@ -137,8 +137,17 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = 256 + len(self.merges) + 1
         self.eot_id = self.vocab_size - 1
 
+    @staticmethod
+    def _tiktoken():
+        try:
+            import tiktoken  # lazy, as for gpt2: the bytes tokenizer must work without it (and without regex)
+        except ImportError:
+            raise DataError("the bpe tokenizer needs tiktoken: pip install tiktoken (or use --tokenizer bytes)") from None
+        return tiktoken
+
     @classmethod
     def learn(cls, texts, vocab_size):
+        cls._tiktoken()  # fail before learning, not after
         return cls(bpe.learn_merges(texts, vocab_size - 257))
 
     def spec(self):
