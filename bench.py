@@ -34,7 +34,7 @@ import torch
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
                              pick_dtype)
-from tinydiff.data import get_tokenizer
+from tinydiff.data import tokenizer_from_spec
 from tinydiff.diffusion import get_schedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
 from tinydiff.loop import EMA, make_optimizer
@@ -225,12 +225,12 @@ def quality():
     if not args.judge or not args.ckpts:
         raise UserError("the quality section needs --judge JUDGE.pt and --ckpts LABEL=PATH ...")
     jck = load_checkpoint(args.judge, kind="ar", what=f"--judge {args.judge}")
-    judge, judge_tok = model_from_checkpoint(jck, device), get_tokenizer(jck["tokenizer"]["name"])  # fp32 judge
+    judge, judge_tok = model_from_checkpoint(jck, device), tokenizer_from_spec(jck["tokenizer"])  # fp32 judge
     n_batches, rows = math.ceil(args.num_samples / args.sample_batch), []
     for spec in args.ckpts:
         label, path = spec.split("=", 1) if "=" in spec else (os.path.basename(os.path.dirname(spec)) or spec, spec)
         ck = load_checkpoint(path)
-        tok = get_tokenizer(ck["tokenizer"]["name"])
+        tok = tokenizer_from_spec(ck["tokenizer"])
         retok = check_judge(jck, tok, args.retokenize, args.judge)
         model = model_from_checkpoint(ck, device).to(wdtype)  # the sampling dtype, as in the latency rows
         L, b, bos = min(args.seq_len or 10**9, model.cfg.seq_len), args.sample_batch, ck["tokenizer"]["eot_id"]

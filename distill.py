@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import checkpoint_data, framed_batches, get_batch, get_tokenizer, load_meta, prepare
+from tinydiff.data import (checkpoint_data, framed_batches, get_batch, load_meta, load_tokenizer, prepare_for,
+                           tokenizer_from_spec)
 from tinydiff.diffusion import get_schedule, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.lab import OracleDenoiser
@@ -120,7 +121,7 @@ def main():
     else:
         tckpt = load_checkpoint(args.teacher, kind="mdlm" if args.method == "sdtt" else "ar",
                                 what=f"--teacher {args.teacher} of --method {args.method}")
-    tok = get_tokenizer(tckpt["tokenizer"]["name"])
+    tok = tokenizer_from_spec(tckpt["tokenizer"])  # the teacher's own (bpe: its merges)
     if args.tokenizer not in (None, tok.name):
         raise UserError(f"--tokenizer {args.tokenizer} differs from the teacher's ({tok.name}): the student shares "
                         f"the teacher's tokenizer; drop --tokenizer")
@@ -128,11 +129,11 @@ def main():
     if resume is not None:  # the folder this run was trained on (keyed by content), even if the source changed
         data_dir = checkpoint_data(resume)
     elif args.data is not None:
-        data_dir = prepare(args.data, tok.name)
+        data_dir = prepare_for(args.data, tok)  # bpe: only the data its merges were learned from
     else:  # the teacher's prepared data, as it was trained on (prepared again here when it is elsewhere)
         data_dir = checkpoint_data(tckpt, what=f"the teacher {args.teacher}")
-    if load_meta(data_dir)["tokenizer"] != tok.name:
-        raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.name})")
+    if load_tokenizer(data_dir).key != tok.key:
+        raise UserError(f"{data_dir} was tokenized with another tokenizer than the teacher's ({tok.key})")
     args.data = args.data or tckpt["args"]["data"]
     # window framing: the flag, else the teacher's (a published MDLM: bos_eos, the chunks it trained on), else none
     args.framing = args.framing or tckpt.get("framing", "none")
@@ -244,7 +245,7 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
         student = Transformer(ModelConfig(**c)).to(device)
         schedule = get_schedule()  # log-linear
     else:
-        ickpt = load_checkpoint(args.init, kind="mdlm", tokenizer=tok.name, what=f"--init {args.init}")
+        ickpt = load_checkpoint(args.init, kind="mdlm", tokenizer=tok.key, what=f"--init {args.init}")
         student = model_from_checkpoint(ickpt, device, use_ema=True).train()
         schedule = get_schedule(ickpt.get("schedule"))  # the MDLM's own
     cfg, mask_id = student.cfg, tok.vocab_size
@@ -255,7 +256,8 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
     check_space(args.out_dir, checkpoint_bytes(student, 4))  # weights, EMA, AdamW's two moments
 
     # the teacher, the loss on its cached targets, and chunk-aligned batches (a window's targets are reused)
-    loss_fn, batches, tcs_step, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule)
+    loss_fn, batches, tcs_step, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule,
+                                                     tok.spec())
     meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=args.seq_len, **tcs_meta)
     if args.precompute_only:  # the --tcs_windows targets are on disk now: no training
         emit({"method": "tcs", "precompute_only": True, **tcs_meta["tcs"], "tcs_cache": tcs_step(0, None)})
@@ -289,7 +291,7 @@ def student_meta(tok, data_dir, cfg, schedule, **more):
     """What makes a distilled checkpoint self-describing (train.py's fields, plus the method and teacher);
     the loop writes it into every checkpoint as it is at that save."""
     return {"kind": "mdlm", "method": args.method, "teacher_ckpt": args.teacher, "config": cfg.to_dict(),
-            "args": vars(args), "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "args": vars(args), "tokenizer": tok.spec(),
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"], "mask_id": tok.vocab_size,
             "framing": args.framing, "schedule": schedule_spec(schedule), **more}
 

@@ -56,7 +56,7 @@ import torch
 from tinydiff.checks import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
-from tinydiff.data import FRAMINGS, checkpoint_data, get_tokenizer, load_meta
+from tinydiff.data import FRAMINGS, checkpoint_data, load_meta, tokenizer_from_spec
 from tinydiff.diffusion import get_schedule
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
@@ -123,7 +123,7 @@ def main():
     autocast = autocast_ctx(device, dtype)
     print(f"device {device} ({why}) | network dtype {dtype} | sampling draws float64 | judge float32")
     ckpt = load_checkpoint(args.ckpt)
-    kind, tok = "mdlm" if args.oracle else ckpt["kind"], get_tokenizer(ckpt["tokenizer"]["name"])
+    kind, tok = "mdlm" if args.oracle else ckpt["kind"], tokenizer_from_spec(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context, mask_id = model.cfg.seq_len, tok.vocab_size if args.oracle else ckpt.get("mask_id")
     schedule = get_schedule(ckpt.get("schedule"))  # the model's alpha_t: its bound's weights, its sampler's grid
@@ -152,7 +152,7 @@ def main():
             raise UserError(f"judge: {e}") from None
         mdlm_ppl = args.gen_ppl_protocol == "mdlm"  # decoding and re-encoding is part of MDLM's protocol
         retok = check_judge(jckpt, tok, args.retokenize or mdlm_ppl, args.judge)
-        judge_tok = get_tokenizer(jckpt["tokenizer"]["name"])
+        judge_tok = tokenizer_from_spec(jckpt["tokenizer"])
         judge = model_from_checkpoint(jckpt, device, use_ema=not args.no_ema)
         if not retok and not mdlm_ppl and L - 1 > judge.cfg.seq_len:
             raise UserError(f"the judge's context {judge.cfg.seq_len} is too short for samples of {L} tokens "

@@ -20,7 +20,7 @@ import torch
 from tinydiff.checks import ArgumentParser, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_checkpoint, make_generator,
                              model_from_checkpoint, pick_device, pick_dtype, write_error)
-from tinydiff.data import get_tokenizer
+from tinydiff.data import tokenizer_from_spec
 from tinydiff.diffusion import get_schedule
 from tinydiff.outdir import check_writable
 from tinydiff.sampler import ar_sample
@@ -48,7 +48,7 @@ def main():
         check_writable(args.out)  # before sampling, not after
     device, _ = pick_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
-    tok = get_tokenizer(ckpt["tokenizer"]["name"])
+    tok = tokenizer_from_spec(ckpt["tokenizer"])  # the checkpoint's own (bpe: its merges)
     model = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema)
     context = model.cfg.seq_len
     seq_len = args.seq_len or context

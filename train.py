@@ -1,9 +1,11 @@
 r"""Train a masked diffusion LM (MDLM, default) or an autoregressive baseline on one machine.
 
-CPU, the default (byte-level MDLM on the Python standard library, ~8 min on 2 cores, samples with
-Python's layout; its keywords need ~4x longer, --max_iters 5200, see README):
+CPU, the default (MDLM on the Python standard library with a 4096-id BPE learned from it, ~9 min on
+2 cores, samples built from Python's own pieces; docs/tokenizers.md):
     python train.py
-The AR baseline / judge of the same size on the same data:
+The byte-level MDLM of earlier defaults (257 ids; at the same training time its samples have Python's layout only):
+    python train.py --tokenizer bytes --max_iters 1910
+The AR baseline / judge of the same size on the same data (train.py prints this command at the end):
     python train.py --model ar --out_dir out-ar
 GPU, MDLM small on OpenWebText-scale data (see README for presets and costs):
     python train.py --data shakespeare --tokenizer gpt2 --n_layer 12 --n_head 12 --n_embd 768 \
@@ -16,10 +18,11 @@ import torch.nn.functional as F
 
 from tinydiff.checks import ArgumentParser, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, get_tokenizer, load_meta,
+from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, load_meta, load_tokenizer,
                            prepare)
 from tinydiff.diffusion import SCHEDULES, get_schedule, nelbo_loss, schedule_spec
-from tinydiff.evaluate import heldout_windows, val_metrics, val_window_len
+from tinydiff.evaluate import heldout_windows, per_byte, val_metrics, val_window_len
+from tinydiff.lab_eval import lab_of
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
@@ -42,9 +45,12 @@ parser.add_argument("--init_from", default=None,
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
 add_run_args(parser)
 add_sampler_args(parser)  # the end-of-run sample: --sampler and its knobs (AR: --temperature/--top_k/--top_p)
-# the CPU default: ~8.5 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 0.86M-parameter model beats
-# train.py's earlier 2.8M default (6L/192d: 2.7x fewer tokens in the same time), as compute-optimal scaling predicts
-parser.set_defaults(seq_len=256, max_iters=1300, batch_size=16, lr=3e-3, warmup=100, eval_interval=650)
+parser.add_argument("--vocab_size", type=int, default=4096,
+                    help="--tokenizer bpe: ids learned from the training split (256 bytes + merges + end-of-text)")
+# the CPU default: ~9 min on 2 cores. At 10 CPU-minutes (~5M tokens) a 4L/128d body beats train.py's earlier
+# 6L/192d (2.7x fewer tokens in the same time), as compute-optimal scaling predicts; a 4096-id BPE learned from
+# the corpus (3.5 bytes a token) carries ~3x the text of bytes per step (docs/tokenizers.md)
+parser.set_defaults(seq_len=256, max_iters=1600, batch_size=16, lr=3e-3, warmup=100, eval_interval=800)
 args = apply_preset(parser)  # --preset NAME sets defaults (printed); explicit flags still win
 
 
@@ -65,18 +71,19 @@ def main():
     device, dtype, use_compile, autocast = setup_runtime(args)
     torch.manual_seed(args.seed)
 
-    # data: prepared once under data/<source>-<tokenizer>-<key>/ (keyed by content); a resumed run reads the
-    # folder it was trained on, even when the source was edited since
-    args.tokenizer = args.tokenizer or default_tokenizer(args.data)  # bytes; the lab has its own
-    data_dir = checkpoint_data(resume) if resume is not None else prepare(args.data, args.tokenizer)
-    tok = get_tokenizer(args.tokenizer)
+    # data: prepared once under data/<source>-<tokenizer>-<key>/ (keyed by content; bpe: its merges learned
+    # then); a resumed run reads the folder it was trained on, even when the source was edited since
+    args.tokenizer = args.tokenizer or default_tokenizer(args.data)  # bpe; the lab has its own
+    data_dir = checkpoint_data(resume) if resume is not None else prepare(args.data, args.tokenizer,
+                                                                          vocab_size=args.vocab_size)
+    tok = load_tokenizer(data_dir)
 
     # model: MDLM gets one extra embedding row for [MASK] (id = tokenizer vocab size)
     if resume is not None:
         cfg = ModelConfig(**resume["config"])
     elif args.init_from:
-        init = load_checkpoint(args.init_from, kind=args.model, tokenizer=tok.name, what=f"--init_from {args.init_from}",
-                               fix="give the --model and --tokenizer it was trained with")  # or a published model
+        init = load_checkpoint(args.init_from, kind=args.model, tokenizer=tok.key, what=f"--init_from {args.init_from}",
+                               fix="give the --model, --tokenizer (bpe: --vocab_size, --data) it was trained with")
         init["config"] = dict(init["config"], dropout=args.dropout)  # the architecture is the checkpoint's
         if args.dropout_sites:  # else the checkpoint's (a converted DiT: the official residual-only sites)
             init["config"]["dropout_sites"] = args.dropout_sites
@@ -100,8 +107,11 @@ def main():
     # loss and held-out evaluation (the same fixed windows at every eval)
     schedule = get_schedule(args.schedule)  # alpha_t and w(t) (tinydiff/diffusion.py); on --resume the checkpoint's
     if args.model == "mdlm":
+        masked_only = device == "cpu" and not use_compile  # output head at masked positions only (nelbo_loss)
+
         def loss_fn(fwd, x, noise):  # noise: the step's draws (loop.Noise; rank, world: DDP)
-            return nelbo_loss(fwd, x, schedule, mask_id, noise.gen, rank=noise.rank, world=noise.world)[0], {}
+            return nelbo_loss(fwd, x, schedule, mask_id, noise.gen, rank=noise.rank, world=noise.world,
+                              masked_only=masked_only)[0], {}
     else:
         def loss_fn(fwd, x, noise):
             logits = fwd(x[:, :-1])  # (B, L, V)
@@ -115,7 +125,7 @@ def main():
         return val_metrics(m, args.model, val_x, mask_id, args.eval_draws, 0, args.batch_size, autocast, schedule)
 
     meta = {"kind": args.model, "config": cfg.to_dict(), "mask_id": mask_id, "args": vars(args),
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "tokenizer": tok.spec(),  # bpe: with its merges, so sample/eval/distill decode without the data
             "data_dir": str(data_dir.resolve()), "data_key": load_meta(data_dir)["key"],
             "sample_steps": args.seq_len if args.model == "mdlm" else None, "framing": args.framing,
             "schedule": schedule_spec(schedule) if args.model == "mdlm" else None}
@@ -143,7 +153,21 @@ def main():
     print("-" * 20 + f" sample: {describe(sampler, knobs)}, {args.seq_len} steps, NFE {nfe} " + "-" * 20)
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
-    emit({"model": args.model, "params": model.num_params(), **summary, "sampler": sampler, "sampler_knobs": knobs})
+
+    # the numbers in context: per byte (comparable across tokenizers) next to a unigram model of the corpus
+    ctx = per_byte(data_dir, tok, args.seq_len, args.eval_tokens, summary["val_loss"]) if "val_loss" in summary else {}
+    if ctx:
+        what = "val bound" if args.model == "mdlm" else "val NLL"
+        print(f"held-out: {ctx['heldout_tokens']:,} tokens = {ctx['heldout_bytes']:,} bytes | {what} "
+              f"{ctx['val_loss_per_byte']:.3f} nats/byte | a unigram model of the training split: "
+              f"{ctx['unigram_per_byte']:.3f} nats/byte")
+    if args.model == "mdlm" and lab_of(data_dir) is None:  # the same flags but --model and --out_dir
+        same = [f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items()
+                if k not in ("model", "out_dir", "resume", "init_from") and v not in (parser.get_default(k), None)
+                and v is not False]
+        print(f"the AR baseline of the same size: python train.py --model ar --out_dir {args.out_dir}-ar " + " ".join(same))
+    emit({"model": args.model, "params": model.num_params(), **summary, **ctx, "sampler": sampler,
+          "sampler_knobs": knobs})
 
 
 if __name__ == "__main__":

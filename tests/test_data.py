@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import gpt2_or_skip
-from tinydiff import data
-from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare, stdlib_files, val_windows
+from tinydiff import bpe, data
+from tinydiff.data import (BPETokenizer, DataError, get_batch, get_tokenizer, load_meta, load_tokenizer, prepare,
+                           prepare_for, stdlib_files, tokenizer_from_spec, val_windows)
 
 TEXT = "".join(f"line {i}: héllo wörld ✓ 日本語 {'x' * (i % 7)}\n" for i in range(200))
 
@@ -367,3 +368,106 @@ def test_checkpoint_data_finds_the_trained_on_folder(tmp_path, monkeypatch):
     shutil.rmtree(data.checkpoint_data(ckpt))
     with pytest.raises(DataError, match="which is gone.*--data"):
         data.checkpoint_data(ckpt)
+
+
+# ----------------------------------------------------------------------------- bpe (tinydiff/bpe.py)
+
+def test_bpe_trainer_hand_worked():
+    """The merge order of a tiny corpus, worked out by hand.
+
+    "aaaa bb bb" -> GPT-2 pre-tokens "aaaa" x1, " bb" x2 (a word keeps its leading space; no merge crosses
+    a pre-token). Ids: ' ' = 32, 'a' = 97, 'b' = 98. Pair counts, weighted by how often each word occurs:
+      (97, 97): 3 (three overlapping pairs in "aaaa"), (32, 98): 2, (98, 98): 2
+      merge 1: (97, 97) -> 256 "aa"; "aaaa" is rewritten left to right: [256, 256]
+               counts now (32, 98): 2, (98, 98): 2, (256, 256): 1
+      merge 2: a tie at 2: the pair with the smaller ids wins, (32, 98) -> 257 " b"; " bb" = [257, 98]
+               counts now (257, 98): 2, (256, 256): 1
+      merge 3: (257, 98) -> 258 " bb"
+      merge 4: (256, 256) -> 259 "aaaa"; then no pair is left, so a larger budget gives no more merges."""
+    want = [(97, 97), (32, 98), (257, 98), (256, 256)]
+    assert bpe.learn_merges(["aaaa bb bb"], 10) == want
+    assert bpe.learn_merges(["aaaa bb bb"], 2) == want[:2]
+    assert bpe.learn_merges(["aaaa bb", " bb"], 10) == want  # split across documents: the same counts
+    tok = BPETokenizer(want)
+    assert (tok.vocab_size, tok.eot_id) == (256 + 4 + 1, 260)
+    assert tok.encode("aaaa bb bb") == [259, 258, 258]
+    assert tok.encode("aaaaa bbb") == [259, 97, 258, 98]  # merges apply within each pre-token only
+    assert tok.encode("bb") == [98, 98]  # no space before it: " b" does not apply
+
+
+def test_bpe_same_corpus_same_merges(tmp_path):
+    words = ["self", "return", "value", "items", "count", "name", "other", "result", "index", "parser"]
+    docs = [f"def {words[i % 10]}_{i}(self, {words[(i * 3) % 10]}):\n    return self.{words[(i * 7) % 10]}{i % 3} + {i}\n"
+            for i in range(60)]
+    a = bpe.learn_merges(docs, 120)
+    assert a == bpe.learn_merges(list(reversed(docs)), 120)  # counts do not depend on the document order
+    assert len(a) == 120 and len(set(a)) == 120
+    # the same through prepare, in two roots: identical bpe.json, and the tokenizer rebuilt from it
+    corpus = tmp_path / "corpus"
+    for i in range(0, 60, 3):
+        write(corpus / f"m{i:02d}.py", "".join(docs[i:i + 3]))
+    d1 = prepare(str(corpus), "bpe", root=str(tmp_path / "r1"), vocab_size=300)
+    d2 = prepare(str(corpus), "bpe", root=str(tmp_path / "r2"), vocab_size=300)
+    assert "-bpe300-" in d1.name and (d1 / "bpe.json").read_bytes() == (d2 / "bpe.json").read_bytes()
+    tok = load_tokenizer(d1)
+    assert tok.vocab_size == 300 and tok.eot_id == 299 and load_meta(d1)["merges_sha256"] == tok.sha256
+    # learned from the train split only (the last file is held out): its text is still encoded losslessly
+    train, val = ids_of(d1 / "train.bin"), ids_of(d1 / "val.bin")
+    assert tok.decode(val[:-1].tolist()) == "".join(docs[57:60]) and val[-1] == 299 and train.max() <= 299
+    assert len(train) < 0.5 * sum(len(d) for d in docs[:57])  # code compresses: well under one id per byte
+    # a second prepare reuses the folder; a checkpoint's spec rebuilds the same tokenizer without it
+    stamps = {p.name: p.stat().st_mtime_ns for p in d1.iterdir()}
+    assert prepare(str(corpus), "bpe", root=str(tmp_path / "r1"), vocab_size=300) == d1
+    assert {p.name: p.stat().st_mtime_ns for p in d1.iterdir()} == stamps
+    spec = json.loads(json.dumps(tok.spec()))  # as stored
+    same = tokenizer_from_spec(spec)
+    assert same.key == tok.key and same.encode(docs[0]) == tok.encode(docs[0])
+    spec["merges"][0] = [spec["merges"][0][1], spec["merges"][0][0]]
+    with pytest.raises(DataError, match="hash"):
+        tokenizer_from_spec(spec)
+
+
+def test_bpe_round_trip_any_text():
+    rng = np.random.default_rng(0)
+    text = "".join(f"    def f{i}(self):\n        return self.x_{i} * 2\n" for i in range(50))
+    tok = BPETokenizer.learn([text], 400)
+    planes = [(0x20, 0x7F), (0x80, 0x800), (0x800, 0xD800), (0xE000, 0x10000), (0x10000, 0x110000)]
+    for trial in range(20):  # arbitrary unicode: every plane, controls, NUL, whitespace runs
+        lo, hi = planes[trial % len(planes)]
+        s = "".join(chr(c) for c in rng.integers(lo, hi, 200)) + text[:100] + "\x00\t\r\n  \u00a0<|endoftext|>"
+        ids = tok.encode(s)
+        assert tok.decode(ids) == s and max(ids) < tok.eot_id
+        assert tok._bytes(ids) == s.encode("utf-8")
+    for trial in range(20):  # arbitrary bytes: the text they decode to round-trips; every byte id decodes to itself
+        b = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+        s = b.decode("utf-8", errors="replace")
+        assert tok.decode(tok.encode(s)) == s
+        assert tok._bytes(list(b)) == b
+    # ids that are not text never crash decoding: eot, [MASK], out of range; a cut character is replaced
+    e = tok.encode("é")
+    assert tok.decode(e + [tok.eot_id, tok.vocab_size, -1] + e) == "é\n□□é"
+    assert tok.decode([0xC3]) == "\ufffd"
+    assert tok.byte_lengths()[tok.encode(" return")].sum() == 7 and tok.byte_lengths()[tok.eot_id] == 1
+
+
+def test_bpe_errors(tmp_path, monkeypatch):
+    src = write(tmp_path / "t.txt", TEXT)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` now raises ImportError
+        with pytest.raises(DataError, match="pip install tiktoken"):
+            prepare(str(src), "bpe", root=str(tmp_path / "data"), vocab_size=300)
+    with pytest.raises(DataError, match="--vocab_size"):
+        prepare(str(src), "bpe", root=str(tmp_path / "data"))  # no size given
+    with pytest.raises(DataError, match="allows only"):
+        prepare(str(src), "bpe", root=str(tmp_path / "data"), vocab_size=60000)  # more than the corpus has
+    with pytest.raises(DataError, match="learned from a corpus"):
+        get_tokenizer("bpe")
+    d = prepare(str(src), "bpe", root=str(tmp_path / "data"), vocab_size=300)
+    tok = load_tokenizer(d)
+    assert prepare_for(str(src), tok, root=str(tmp_path / "data")) == d
+    other = write(tmp_path / "u.txt", "".join(f"x{i} = y{i}\n" for i in range(500)))  # another source: other merges
+    with pytest.raises(DataError, match="merges were learned"):
+        prepare_for(str(other), tok, root=str(tmp_path / "data"))
+    (d / "bpe.json").write_text("{}")
+    with pytest.raises(DataError, match="corrupt"):
+        load_tokenizer(d)

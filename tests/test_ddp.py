@@ -20,7 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--eval_tokens", "256",
-        "--device", "cpu", "--compile", "false", "--warmup", "2"]
+        "--device", "cpu", "--compile", "false", "--warmup", "2", "--tokenizer", "bytes"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

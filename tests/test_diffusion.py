@@ -157,6 +157,29 @@ def test_nelbo_loss_is_mean_of_terms():
     assert loss.item() == pytest.approx(nelbo_terms(model(z), x, z, t, s, mask_id).sum().item() / x.numel())
 
 
+def test_masked_only_loss_equals_the_full_loss():
+    """nelbo_loss(masked_only=True) asks the model for logits at masked positions only (Transformer's select):
+    the same loss and the same gradient as the full (B, L, V) computation, over batches from almost clean to
+    fully masked (t spans [0, 1) across the batch)."""
+    torch.manual_seed(0)
+    s, mask_id = LogLinearSchedule(), 11
+    model = Transformer(ModelConfig(vocab_size=mask_id + 1, n_layer=2, n_head=2, n_embd=16, seq_len=12))
+    x = torch.randint(0, mask_id, (16, 12), generator=torch.Generator().manual_seed(1))
+    z = forward_mask(x, torch.rand(16), s, mask_id, torch.Generator().manual_seed(2))
+    assert torch.allclose(model(z, select=z == mask_id), model(z)[z == mask_id], atol=1e-6)  # (N, V)
+    results = []
+    for masked_only in (False, True):
+        model.zero_grad()
+        loss, t, z = nelbo_loss(model, x, s, mask_id, torch.Generator().manual_seed(3), masked_only=masked_only)
+        loss.backward()
+        results.append((loss.detach(), z, [p.grad.clone() for p in model.parameters()]))
+    (full, z_full, g_full), (part, z_part, g_part) = results
+    assert torch.equal(z_full, z_part) and 0 < (z_full == mask_id).sum() < z_full.numel()
+    assert torch.allclose(full, part, rtol=1e-5)
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_oracle_posterior_against_python_loops(toy, oracle):
     """Harness self-check: the oracle denoiser is the posterior p(x_i = v | unmasked tokens)."""
     m = toy.mask_id

@@ -24,7 +24,7 @@ import torch.nn as nn
 from conftest import gpt2_or_skip
 from harness import exact_sampler_law, z_threshold
 from tinydiff.common import UserError, check_checkpoint
-from tinydiff.data import get_tokenizer
+from tinydiff.data import BPETokenizer, get_tokenizer
 from tinydiff.evaluate import (_lambada_inputs, check_judge, corpus_nll, heldout_windows, judge_nll, lambada,
                                mdlm_judge_tokens, mean_entropy, read_lambada, sample_metrics, self_bleu,
                                split_last_word, unigram_entropy, val_metrics)
@@ -464,7 +464,7 @@ def run_scripts(jobs, cwd):
 PLAY = "".join(f"{('ROMEO', 'JULIET')[i % 2]}:\nO gentle night, thy {('moon', 'star', 'rose')[i % 3]} is {i % 7} times "
                f"more fair than day.\n\n" for i in range(160))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt"]
+        "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt", "--tokenizer", "bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -528,6 +528,15 @@ def test_check_judge():
     with pytest.raises(UserError, match="--retokenize"):
         check_judge(other, bytes_tok, False, "j.pt")
     assert check_judge(other, bytes_tok, retokenize=True, path="j.pt") is True
+    # two bpe tokenizers are the same only with the same merges: the name alone does not make a judge fit
+    a = BPETokenizer.learn(["def f(self):\n    return self.x\n" * 3], 262)
+    b = BPETokenizer.learn(["while n < 3:\n    n += 1\n" * 3], 262)
+    assert a.name == b.name and a.vocab_size == b.vocab_size and a.key != b.key
+    judge_a = {"kind": "ar", "tokenizer": a.spec()}
+    assert check_judge(judge_a, a, retokenize=False, path="j.pt") is False
+    with pytest.raises(UserError, match=f"uses the {a.key} tokenizer but the model uses {b.key}.*--retokenize"):
+        check_judge(judge_a, b, False, "j.pt")
+    assert check_judge(judge_a, b, retokenize=True, path="j.pt") is True
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from tinydiff.outdir import claim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "4",
-        "--eval_tokens", "256", "--device", "cpu", "--compile", "false", "--warmup", "2"]
+        "--eval_tokens", "256", "--device", "cpu", "--compile", "false", "--warmup", "2", "--tokenizer", "bytes"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from harness import OracleAR, OracleDenoiser, Toy, ar_toy, exact_nelbo
 from tinydiff.common import UserError, save_checkpoint
+from tinydiff.data import BPETokenizer
 from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
 from tinydiff.loop import Noise
 from tinydiff.model import ModelConfig, Transformer
@@ -511,6 +512,12 @@ def _args(teacher, **kw):
 def test_mismatched_tokenizer_is_refused(tmp_path):
     with pytest.raises(UserError, match="tokenizer mismatch.*gpt2.*bytes"):
         check_tokenizers({"name": "gpt2", "vocab_size": 50257}, "bytes", 258)
+    # bpe: the merges decide, not the name (a teacher learned from other text is refused)
+    a = BPETokenizer.learn(["def f(self):\n    return self.x\n" * 3], 262)
+    b = BPETokenizer.learn(["while n < 3:\n    n += 1\n" * 3], 262)
+    check_tokenizers(a.spec(), a.spec(), 263)
+    with pytest.raises(UserError, match=f"tokenizer mismatch.*{a.key}.*{b.key}"):
+        check_tokenizers(a.spec(), b.spec(), 263)
     _tiny_ar_ckpt(tmp_path / "ar.pt", tok="gpt2", vocab=50257)
     student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
     with pytest.raises(UserError, match="tokenizer mismatch"):

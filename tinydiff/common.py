@@ -6,6 +6,7 @@ cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu -> 
 asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -82,6 +83,19 @@ def autocast_ctx(device, dtype):
     return contextlib.nullcontext
 
 
+def reuse_freed_memory(mib=512):
+    """CPU training on Linux/glibc: let malloc keep freed blocks of up to `mib` MiB for reuse. glibc serves
+    blocks above 32 MiB with mmap and unmaps them on free, so a tensor that size allocated every step (the
+    (N, V) logits of a 4096-id output head are ~33 MiB) comes back as fresh pages that the kernel must
+    zero and fault in again: ~9% of a step on 2 cores, all system time. No-op where mallopt is missing."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, mib << 20)  # M_MMAP_THRESHOLD: larger blocks only are mmapped
+        libc.mallopt(-1, mib << 20)  # M_TRIM_THRESHOLD: keep up to this much free memory at the heap's top
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        pass
+
+
 def setup_runtime(args):
     """Apply the policy for --device/--dtype/--compile, print it, return (device, dtype, compile, autocast).
     Launched by torchrun, the process also joins the DDP process group here (before any CUDA work)."""
@@ -89,6 +103,8 @@ def setup_runtime(args):
     dtype, why_t = pick_dtype(args.dtype, device)
     use_compile, why_c = pick_compile(args.compile, device)
     world = init(device)[1]  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
+    if device == "cpu":
+        reuse_freed_memory()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -202,14 +218,20 @@ def load_checkpoint(path, kind=None, tokenizer=None, script=None, what=None, fix
     return ckpt
 
 
+def tokenizer_key(spec):
+    """The identity of a tokenizer spec (a checkpoint's "tokenizer"): its name, and for a learned bpe the hash of
+    its merges (two bpe tokenizers of the same size are the same only with the same merges)."""
+    return f"bpe-{spec['merges_sha256'][:16]}" if spec.get("merges_sha256") else spec["name"]
+
+
 def check_checkpoint(ckpt, kind=None, tokenizer=None, script=None, what="the checkpoint", fix=None):
     """load_checkpoint's checks on a loaded checkpoint: UserError unless it is a `kind` model using the
-    `tokenizer` tokenizer, written by `script` (each None: not checked)."""
+    `tokenizer` tokenizer (its key, tokenizer_key / Tokenizer.key), written by `script` (each None: not checked)."""
     wrote = f"distill.py --method {ckpt['method']}" if ckpt.get("method") else "train.py"
     if script is not None and wrote.split()[0] != script:
         raise UserError(f"{what} was written by {wrote}, not {script}: resume it with {wrote.split()[0]}, "
                         f"or use another --out_dir")
-    have_kind, have_tok = ckpt["kind"], ckpt["tokenizer"]["name"]
+    have_kind, have_tok = ckpt["kind"], tokenizer_key(ckpt["tokenizer"])
     if (kind or have_kind) != have_kind or (tokenizer or have_tok) != have_tok:
         want = KINDS.get(kind or have_kind, kind) + (f" with the {tokenizer} tokenizer" if tokenizer else "")
         flags = f"--model {kind or have_kind}" + (f" --tokenizer {tokenizer}" if tokenizer else "")

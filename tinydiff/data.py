@@ -6,6 +6,13 @@ On disk, one folder per (source content, tokenizer) under ROOT (default ./data, 
     ROOT/<name>-<tokenizer>-<key>/val.bin     same layout, the held-out documents
     ROOT/<name>-<tokenizer>-<key>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source,
                                               source_hash, key
+    ROOT/<name>-bpe<V>-<key>/bpe.json         bpe only: the merges learned from this source's train split
+
+Tokenizers: 'bytes' (257 ids), 'gpt2' (tiktoken's GPT-2 BPE), 'bpe' (a byte-level BPE of --vocab_size
+ids learned from the training split when the folder is prepared; tinydiff/bpe.py) and the lab's own
+('labA'). A tokenizer is described by spec() (name, vocab_size, eot_id, and for bpe its merges and their
+sha256), which every checkpoint carries: tokenizer_from_spec() rebuilds it without the data folder, and
+two tokenizers are the same when their keys are (for bpe: the merges' hash, not the name).
 
 <name> is 'stdlib', 'shakespeare', 'owt', 'tinystories', or for a local path its sanitized name plus
 8 hex chars of a hash of its absolute path. <key> = 12 hex chars of a hash of the source's content
@@ -35,6 +42,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +51,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import DataError, commit_files, pid_alive
+from . import bpe
+from .common import DataError, commit_files, pid_alive, tokenizer_key  # noqa: F401 (tokenizer_key: re-exported)
 from .dist import rank0_first
 from .lab import LETTERS, Lab, parse_spec
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
@@ -59,6 +68,19 @@ class Tokenizer:
 
     def _bytes(self, ids):
         raise NotImplementedError
+
+    def spec(self):
+        """What a checkpoint stores to rebuild this tokenizer (tokenizer_from_spec)."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    @property
+    def key(self):
+        return tokenizer_key(self.spec())
+
+    def byte_lengths(self):
+        """(vocab_size,) UTF-8 bytes of each id's text; end-of-text counts 1 (as the byte tokenizer's eot id does),
+        so nats per byte compare across tokenizers."""
+        return np.array([1 if i == self.eot_id else len(self._bytes([i])) for i in range(self.vocab_size)])
 
     def decode(self, ids):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -127,7 +149,44 @@ class LabTokenizer(Tokenizer):
         return "".join(self.chars[i] for i in ids).encode()
 
 
-TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer}
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE learned from a corpus (tinydiff/bpe.py): ids 0..255 the bytes, 256 + i merge i, then
+    end-of-text (the last id). Encoded by tiktoken with the learned ranks and GPT-2's pre-tokenisation."""
+    name = "bpe"
+
+    def __init__(self, merges):
+        tiktoken = self._tiktoken()
+        self.merges = [tuple(m) for m in merges]
+        self.sha256 = hashlib.sha256(json.dumps(self.merges).encode()).hexdigest()
+        self.enc = tiktoken.Encoding(f"tinydiff-bpe-{self.sha256[:12]}", pat_str=bpe.PATTERN,
+                                     mergeable_ranks=bpe.ranks(self.merges), special_tokens={})
+        self.vocab_size = 256 + len(self.merges) + 1
+        self.eot_id = self.vocab_size - 1
+
+    @staticmethod
+    def _tiktoken():
+        try:
+            import tiktoken  # lazy, as for gpt2: the bytes tokenizer must work without it (and without regex)
+        except ImportError:
+            raise DataError("the bpe tokenizer needs tiktoken: pip install tiktoken (or use --tokenizer bytes)") from None
+        return tiktoken
+
+    @classmethod
+    def learn(cls, texts, vocab_size):
+        cls._tiktoken()  # fail before learning, not after
+        return cls(bpe.learn_merges(texts, vocab_size - 257))
+
+    def spec(self):
+        return {**super().spec(), "merges": [list(m) for m in self.merges], "merges_sha256": self.sha256}
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def _bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+
+TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
 
 
 def get_tokenizer(name="bytes"):
@@ -135,6 +194,9 @@ def get_tokenizer(name="bytes"):
         return LabTokenizer(int(name[3:]))
     if name not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (or labA for the lab)")
+    if name == "bpe":
+        raise DataError("the bpe tokenizer is learned from a corpus: prepare(source, 'bpe', vocab_size=V) learns it, "
+                        "load_tokenizer(data_dir) loads it, and a checkpoint carries its own (tokenizer_from_spec)")
     return TOKENIZERS[name]()
 
 
@@ -147,9 +209,40 @@ def _lab_params(source):
 
 
 def default_tokenizer(source):
-    """The tokenizer a source gets when none is asked for: the lab its own, every other source bytes."""
+    """The tokenizer a source gets when none is asked for: the lab its own, every other source a BPE learned
+    from its training split (--vocab_size ids; docs/tokenizers.md)."""
     params = _lab_params(source)
-    return "bytes" if params is None else f"lab{params.A}"
+    return "bpe" if params is None else f"lab{params.A}"
+
+
+def tokenizer_from_spec(spec):
+    """The tokenizer a checkpoint's spec describes (self-describing: no data folder needed)."""
+    try:
+        if spec["name"] != "bpe":
+            return get_tokenizer(spec["name"])
+        tok = BPETokenizer(spec["merges"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise DataError(f"corrupt tokenizer description (name, merges) in a checkpoint or bpe.json: {str(spec)[:80]}") \
+            from None
+    if tok.sha256 != spec.get("merges_sha256", tok.sha256):
+        raise DataError(f"the bpe merges do not match their recorded hash {spec['merges_sha256'][:16]}: corrupt file")
+    return tok
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a prepared folder was tokenised with (bpe: its bpe.json)."""
+    meta = load_meta(data_dir)
+    if meta["tokenizer"] != "bpe":
+        return get_tokenizer(meta["tokenizer"])
+    try:
+        spec = json.loads((Path(data_dir) / "bpe.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{data_dir}/bpe.json is missing or corrupt: delete {data_dir} and prepare it again") from None
+    tok = tokenizer_from_spec(spec)
+    if tok.sha256 != meta.get("merges_sha256"):
+        raise DataError(f"{data_dir}/bpe.json does not hold the merges meta.json records: delete {data_dir} and "
+                        f"prepare it again")
+    return tok
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -164,7 +257,8 @@ def _is_prepared(out, meta_want):
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "key")) and _is_complete(out)
+    return (all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "key")) and _is_complete(out)
+            and (meta["tokenizer"] != "bpe" or (out / "bpe.json").is_file()))
 
 
 CHUNK_DOCS = 512  # documents per tokenisation task
@@ -180,9 +274,9 @@ def _encode(tok, texts):
     return np.array(ids, dtype=np.uint16)  # (tokens,)
 
 
-def _init_worker(tokenizer_name):
+def _init_worker(tokenizer_spec):
     global _WORKER_TOK
-    _WORKER_TOK = get_tokenizer(tokenizer_name)
+    _WORKER_TOK = tokenizer_from_spec(tokenizer_spec)
 
 
 def _encode_in_worker(texts):
@@ -201,7 +295,7 @@ def _token_chunks(docs, tok, num_proc, desc):
                 yield _encode(tok, doc_texts(docs, a, b))
                 bar.update(b - a)
             return
-        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.name,)) as pool:
+        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.spec(),)) as pool:
             pending = deque()
             for a, b in bounds:
                 pending.append((b - a, pool.apply_async(_encode_in_worker, (doc_texts(docs, a, b),))))
@@ -234,9 +328,12 @@ def _source_hash(train_docs, val_docs):
     return hash_documents(doc_texts(train_docs, 0, len(train_docs)), doc_texts(val_docs, 0, len(val_docs)))
 
 
-def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
-    """Tokenize both splits into a temp folder beside out/, then rename it to out/ in one step: out/ appears
-    complete or not at all, and a folder that exists is never written again (a running job may read it)."""
+def _write_dataset(out, meta, train_docs, val_docs, num_proc, source):
+    """Make the tokenizer (bpe: learn it), tokenize both splits into a temp folder beside out/ (with bpe.json),
+    then rename it to out/ in one step: out/ appears complete or not at all, and a folder that exists is
+    never written again (a running job may read it)."""
+    tok = _make_tokenizer(meta, train_docs)
+    files = {}
     if num_proc is None:  # a Pool pays off only for many documents
         num_proc = min(os.cpu_count() or 1, 32) if len(train_docs) >= 8 * CHUNK_DOCS else 1
     _remove_stale_temps(out.parent)
@@ -255,7 +352,10 @@ def _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source):
                             f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
         meta.update(train_tokens=n_train, val_tokens=n_val, n_documents=len(train_docs) + len(val_docs),
                     n_train_documents=len(train_docs), n_val_documents=len(val_docs))
-        commit_files({tmp / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})
+        if tok.name == "bpe":  # the merges beside the data; meta.json records their hash
+            meta["merges_sha256"] = tok.sha256
+            files[tmp / "bpe.json"] = (json.dumps(tok.spec()) + "\n").encode()
+        commit_files({**files, tmp / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})
         try:
             os.rename(tmp, out)  # atomic; fails when out/ exists (another process prepared the same content)
         except OSError:
@@ -278,17 +378,17 @@ def _remove_stale_temps(root):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _meta(tok, where, source_hash):
-    """What identifies a dataset: the tokenizer and a hash of the source's content. key (in the folder name)
-    hashes both, so another content or tokenizer never lands in an existing folder."""
-    tok_id = f"{tok.name}/{tok.vocab_size}/{getattr(tok, 'fingerprint', '')}"  # a trained tokenizer adds its own
+def _meta(tok_meta, where, source_hash):
+    """What identifies a dataset: the tokenizer's recipe (_recipe) and a hash of the source's content. key (in
+    the folder name) hashes both, so another content or tokenizer never lands in an existing folder (a bpe
+    tokenizer is a deterministic function of the content, its size and the trainer's version)."""
+    tok_id = f"{tok_meta['tokenizer']}/{tok_meta['vocab_size']}/{tok_meta.get('bpe_trainer', '')}"
     key = hashlib.sha256(f"{META_VERSION}/{tok_id}/{source_hash}".encode()).hexdigest()[:KEY_CHARS]
-    return {"version": META_VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "source": where, "source_hash": source_hash, "key": key}
+    return {"version": META_VERSION, **tok_meta, "source": where, "source_hash": source_hash, "key": key}
 
 
-def _folder(root, name, tok, meta):
-    return Path(root) / f"{name}-{tok.name}-{meta['key']}"
+def _folder(root, name, suffix, meta):
+    return Path(root) / f"{name}-{suffix}-{meta['key']}"
 
 
 def _get_tokenizer(tokenizer_name):
@@ -297,46 +397,99 @@ def _get_tokenizer(tokenizer_name):
     return tok
 
 
-def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None):
+BPE_LEARN_BYTES = 64 * 2 ** 20  # bpe merges are learned from (at most) the first 64 MiB of the training split
+
+
+def _recipe(tokenizer_name, vocab_size):
+    """(folder suffix, meta fields) of a tokenizer, known before a bpe one is learned (so a prepared folder is
+    found without learning it again)."""
+    if tokenizer_name != "bpe":
+        tok = _get_tokenizer(tokenizer_name)
+        return tok.name, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    if not isinstance(vocab_size, int) or not 258 <= vocab_size <= 2 ** 16:
+        raise DataError(f"--tokenizer bpe needs a --vocab_size between 258 and 65536 (got {vocab_size}), e.g. 4096")
+    return f"bpe{vocab_size}", {"tokenizer": "bpe", "vocab_size": vocab_size, "eot_id": vocab_size - 1,
+                                "bpe_trainer": bpe.VERSION}
+
+
+def _learn_texts(docs):
+    """The training documents' texts, up to BPE_LEARN_BYTES characters in all."""
+    seen = 0
+    for a in range(0, len(docs), CHUNK_DOCS):
+        for text in doc_texts(docs, a, min(a + CHUNK_DOCS, len(docs))):
+            yield text
+            seen += len(text)
+            if seen >= BPE_LEARN_BYTES:
+                return
+
+
+def _make_tokenizer(meta, train_docs):
+    """The tokenizer meta describes: bytes / gpt2 by name; bpe learned here from the training documents."""
+    if meta["tokenizer"] != "bpe":
+        return _get_tokenizer(meta["tokenizer"])
+    t0 = time.time()
+    tok = BPETokenizer.learn(_learn_texts(train_docs), meta["vocab_size"])
+    if tok.vocab_size < meta["vocab_size"]:
+        raise DataError(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is merged): "
+                        f"use --vocab_size {tok.vocab_size} or less, or a bigger corpus")
+    print(f"learned {len(tok.merges)} bpe merges from the training split in {time.time() - t0:.1f}s")
+    return tok
+
+
+def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None,
+                      vocab_size=None):
     """Tokenize documents of your own into ROOT/<name>-<tokenizer>-<key>/ (unless already there); returns that
     folder. train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of
     strings."""
-    tok = _get_tokenizer(tokenizer_name)
-    meta = _meta(tok, where or name, _source_hash(train_docs, val_docs))
-    out = _folder(root, name, tok, meta)
+    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
+    meta = _meta(tok_meta, where or name, _source_hash(train_docs, val_docs))
+    out = _folder(root, name, suffix, meta)
     if _is_prepared(out, meta):
         return out
-    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, name)
+    return _write_dataset(out, meta, train_docs, val_docs, num_proc, name)
 
 
-def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None):
+def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None, vocab_size=None):
     """Make sure ROOT/<name>-<tokenizer>-<key>/ holds the tokenized source; returns that folder.
+    tokenizer_name 'bpe' learns vocab_size ids from the training split (folder <name>-bpe<vocab_size>-<key>).
     num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1).
     Under torchrun, rank 0 prepares while the other ranks wait; they then find the folder ready."""
     with rank0_first():
-        return _prepare(source, tokenizer_name, root, num_proc)
+        return _prepare(source, tokenizer_name, root, num_proc, vocab_size)
 
 
-def _prepare(source, tokenizer_name, root, num_proc):
-    tok = _get_tokenizer(tokenizer_name)
+def prepare_for(source, tok, root="data", num_proc=None):
+    """Prepare `source` for an existing tokenizer (a checkpoint's). A bpe tokenizer is learned from the data it
+    was trained on, so the folder's merges must be the same: another source is refused."""
+    data_dir = prepare(source, tok.name, root, num_proc, vocab_size=tok.vocab_size)
+    have = load_tokenizer(data_dir)
+    if have.key != tok.key:
+        raise DataError(f"{data_dir} is tokenized with {have.key}, but the checkpoint's tokenizer is {tok.key}: a bpe "
+                        f"model reads only the data its merges were learned from (its training --data)")
+    return data_dir
+
+
+def _prepare(source, tokenizer_name, root, num_proc, vocab_size):
     if _lab_params(source) is not None:
-        return _prepare_lab(source, tok, root)
+        return _prepare_lab(source, _get_tokenizer(tokenizer_name), root)
+    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
     if source in HF_SOURCES:
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading
         # the dataset (OpenWebText's ~40 GB) again
         spec = HF_SOURCES[source]
-        meta = _meta(tok, f"hf:{spec['path']}", hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
-        out = _folder(root, source, tok, meta)
+        meta = _meta(tok_meta, f"hf:{spec['path']}",
+                     hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
+        out = _folder(root, source, suffix, meta)
         if _is_prepared(out, meta):
             return out
         train_docs, val_docs = hf_documents(source)
-        return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+        return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
     name, train_docs, val_docs, where = local_documents(source, root)
-    meta = _meta(tok, where, hash_documents(train_docs, val_docs))
-    out = _folder(root, name, tok, meta)
+    meta = _meta(tok_meta, where, hash_documents(train_docs, val_docs))
+    out = _folder(root, name, suffix, meta)
     if _is_prepared(out, meta):
         return out
-    return _write_dataset(out, meta, train_docs, val_docs, tok, num_proc, source)
+    return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
 
 
 def checkpoint_data(ckpt, source=None, what="the checkpoint"):
@@ -345,9 +498,9 @@ def checkpoint_data(ckpt, source=None, what="the checkpoint"):
     an edited source does not change it). When that folder is gone (deleted, another machine or
     working directory), the checkpoint's source is prepared again and must give the same content key.
     source: another source asked for explicitly (eval.py --data): prepared as it is now."""
-    tok_name = ckpt["tokenizer"]["name"]
+    tok_name, vocab_size = ckpt["tokenizer"]["name"], ckpt["tokenizer"].get("vocab_size")
     if source is not None:
-        return prepare(source, tok_name)
+        return prepare_for(source, tokenizer_from_spec(ckpt["tokenizer"]))
     recorded, key = ckpt.get("data_dir"), ckpt.get("data_key")
     try:
         if recorded and (key is None or load_meta(recorded).get("key") == key) and _is_complete(Path(recorded)):
@@ -356,7 +509,7 @@ def checkpoint_data(ckpt, source=None, what="the checkpoint"):
         pass
     src = (ckpt.get("args") or {}).get("data") or "stdlib"
     try:
-        data_dir = prepare(src, tok_name)
+        data_dir = prepare(src, tok_name, vocab_size=vocab_size)
     except DataError as e:
         raise DataError(f"{what} was trained on {recorded}, which is gone, and its source cannot be prepared "
                         f"again here ({e}); pass --data SOURCE (eval.py) or restore the data") from None
@@ -384,8 +537,9 @@ def _prepare_lab(source, tok, root):
         raise DataError(f"the lab is written in its own tokenizer {default_tokenizer(source)}, not {tok.name}: "
                         f"drop --tokenizer (or pass --tokenizer {default_tokenizer(source)})")
     spec = params.spec()  # the law and the split sizes: the data are a deterministic function of it
-    meta = _meta(tok, spec, hashlib.sha256(spec.encode()).hexdigest())
-    out = _folder(root, "lab", tok, meta)
+    tok_meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    meta = _meta(tok_meta, spec, hashlib.sha256(spec.encode()).hexdigest())
+    out = _folder(root, "lab", tok.name, meta)
     if _is_prepared(out, meta):
         return out
     lab = Lab(params)

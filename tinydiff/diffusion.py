@@ -132,14 +132,25 @@ def nelbo_terms(logits, x, z, t, schedule, mask_id):
     return torch.where(z == mask_id, schedule.weight(t)[:, None] * nll, torch.zeros_like(nll))
 
 
-def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3, rank=0, world=1):
+def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3, rank=0, world=1, masked_only=False):
     """Continuous-time MDLM loss on a clean batch x (B, L): draw stratified t, mask, denoise.
     Returns (loss per token, t, z). The loss is an unbiased estimate of the per-token NELBO, which
-    bounds the NLL up to O(eps) (module docstring). rank, world: DDP (sample_times)."""
+    bounds the NLL up to O(eps) (module docstring). rank, world: DDP (sample_times).
+
+    masked_only: ask the model for logits at the masked positions only (Transformer's `select`): the
+    NELBO integrand is zero at clean positions (eq. 10), so the loss and its gradient are the same while
+    the output head and the softmax run on ~half the positions. Its shapes depend on the draw: use it in
+    eager mode on the CPU (train.py does), not under torch.compile or where boolean indexing syncs (CUDA)."""
     t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
     z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
-    terms = nelbo_terms(model(z), x, z, t, schedule, mask_id)  # (B, L)
-    return terms.sum() / x.numel(), t, z
+    if not masked_only:
+        terms = nelbo_terms(model(z), x, z, t, schedule, mask_id)  # (B, L)
+        return terms.sum() / x.numel(), t, z
+    masked = z == mask_id  # (B, L)
+    logp = masked_log_probs(model(z, select=masked), mask_id)  # (N, V), N = masked positions
+    nll = -logp.gather(-1, x[masked][:, None]).squeeze(-1)  # (N,)
+    w = schedule.weight(t)[:, None].expand_as(x)[masked]  # (N,) the weight of each one's row
+    return (w * nll).sum() / x.numel(), t, z
 
 
 @torch.no_grad()

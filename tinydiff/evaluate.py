@@ -19,12 +19,14 @@ import contextlib
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .common import UserError
-from .data import FRAMINGS, frame, load_meta, val_windows
+from .data import FRAMINGS, frame, load_meta, tokenizer_key, val_windows
 from .diffusion import (bound_to_ppl, forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times,
                         val_bound_windows)
 
@@ -100,18 +102,34 @@ def heldout_windows(data_dir, kind, seq_len, max_tokens, framing="none"):
     return flat[1:].view(n, seq_len), n * seq_len  # (n, L)
 
 
+def per_byte(data_dir, tok, seq_len, max_tokens, nats_per_token):
+    """A held-out loss per byte, comparable across tokenizers, next to a unigram model of the corpus.
+
+    nats_per_token: val_metrics' loss on heldout_windows(data_dir, ..., seq_len, max_tokens). Bytes are the
+    UTF-8 bytes of the scored tokens (an end-of-text counts 1, as in the byte tokenizer). The unigram model is
+    the training split's token frequencies, add-one smoothed, scored on the same held-out tokens."""
+    scored = heldout_windows(data_dir, "mdlm", seq_len, max_tokens)[0].flatten().numpy()  # (n,) the scored tokens
+    n_bytes = int(tok.byte_lengths()[scored].sum())
+    counts = np.bincount(np.fromfile(Path(data_dir) / "train.bin", dtype=np.uint16), minlength=tok.vocab_size)
+    logp = np.log((counts + 1) / (counts.sum() + tok.vocab_size))  # (V,)
+    return {"heldout_tokens": len(scored), "heldout_bytes": n_bytes,
+            "val_loss_per_byte": nats_per_token * len(scored) / n_bytes,
+            "unigram_per_byte": float(-logp[scored].sum() / n_bytes)}
+
+
 # ----------------------------------------------------------------------------- generative perplexity, entropy
 
 def check_judge(jckpt, tok, retokenize, path):
     """Validate a loaded judge checkpoint (an AR model: load_checkpoint(kind="ar")) against the evaluated
     model's tokenizer `tok`. Returns True when samples must be decoded and re-encoded for the judge. Raises
     UserError."""
-    name = jckpt["tokenizer"]["name"]
-    if name == tok.name:
+    key = tokenizer_key(jckpt["tokenizer"])  # a bpe tokenizer is its merges (their hash), not its name
+    if key == tok.key:
         return False
     if not retokenize:
-        raise UserError(f"judge {path} uses the {name} tokenizer but the model uses {tok.name}: use a judge trained "
-                        f"with --tokenizer {tok.name}, or pass --retokenize to decode and re-encode the samples")
+        raise UserError(f"judge {path} uses the {key} tokenizer but the model uses {tok.key}: use a judge trained "
+                        f"with the model's tokenizer (--tokenizer {tok.name}; bpe: on the same --data, same "
+                        f"--vocab_size), or pass --retokenize to decode and re-encode the samples")
     return True
 
 

@@ -62,7 +62,8 @@ def add_run_args(p):
                    help="stdlib (offline default), shakespeare, a text file/folder, or lab / lab:W=256,delta=0.02,... "
                         "(the exact synthetic language, docs/lab.md)")
     p.add_argument("--tokenizer", default=None,
-                   help="bytes (default, 257 ids) or gpt2 (tiktoken); --data lab has its own (labA, its letters + 2)")
+                   help="bpe (default: learned from the training split, --vocab_size ids), bytes (257 ids) or gpt2 "
+                        "(tiktoken); --data lab has its own (labA, its letters + 2)")
     p.add_argument("--out_dir", default="out", help="where ckpt.pt is written")
     p.add_argument("--max_iters", type=int, default=2000, help="optimizer steps in total (default %(default)s)")
     p.add_argument("--batch_size", type=int, default=32,

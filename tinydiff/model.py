@@ -166,12 +166,15 @@ class Transformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx=None, input_pos=None, cache=None, embeds=None):
+    def forward(self, idx=None, input_pos=None, cache=None, embeds=None, select=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) in float32.
 
         input_pos: (T,) positions of idx when decoding with `cache` (a KVCache); None = 0..T-1.
         embeds: (B, T, n_embd) input embeddings instead of idx (TCS's gradient estimator
         differentiates the AR teacher's log-likelihood with respect to them).
+        select: (B, T) bool: the logits of these positions only, (N, vocab_size) in row-major order. The
+        MDLM loss needs them only at masked positions; skipping the others saves their share of the output
+        head and of the softmax (with 4096 ids, most of a small model's step). Data-dependent shapes: eager only.
         """
         x = self.tok_emb(idx) if embeds is None else embeds  # (B, T, C)
         T = x.shape[1]
@@ -188,7 +191,9 @@ class Transformer(nn.Module):
         keys = cache.keys(input_pos) if cache is not None else None  # (n, mask), shared by all layers
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, layer, cache, input_pos, keys)
-        return self.head(self.ln_f(x)).float()  # (B, T, V)
+        if select is not None:
+            x = x[select]  # (N, C)
+        return self.head(self.ln_f(x)).float()  # (B, T, V), or (N, V) with select
 
     def new_cache(self, batch_size, max_len=None, dtype=None, prefix_only=False):
         """A fresh static KV cache for causal decoding of up to max_len (default seq_len) tokens

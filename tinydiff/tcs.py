@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import _open_split, windows_at
+from .data import _open_split, tokenizer_key, windows_at
 from .diffusion import forward_mask, get_schedule, masked_log_probs, sample_times
 from .model import Transformer, apply_rotary
 from .tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, tensor_hash
@@ -410,10 +410,10 @@ def add_tcs_args(parser):
         add(flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
 
 
-def load_teacher(path, tokenizer_name, student_vocab, window, device):
+def load_teacher(path, student_tok, student_vocab, window, device):
     """Load the AR teacher (EMA weights when present), refusing anything that cannot teach this student."""
     ckpt = load_checkpoint(path, kind="ar", what=f"--teacher {path} of TCS")
-    check_tokenizers(ckpt["tokenizer"], tokenizer_name, student_vocab, path)
+    check_tokenizers(ckpt["tokenizer"], student_tok, student_vocab, path)
     if ckpt["config"]["seq_len"] < window:
         raise UserError(f"TCS window {window} is longer than the teacher's context {ckpt['config']['seq_len']}: "
                         f"use --seq_len {ckpt['config']['seq_len']} or less")
@@ -421,28 +421,34 @@ def load_teacher(path, tokenizer_name, student_vocab, window, device):
     return teacher, ckpt
 
 
-def check_tokenizers(teacher_tok, tokenizer_name, student_vocab, path="--teacher"):
-    """Teacher and student must share the tokenizer: the targets are distributions over its ids."""
-    if teacher_tok["name"] != tokenizer_name or teacher_tok["vocab_size"] + 1 != student_vocab:
-        raise UserError(f"tokenizer mismatch: the teacher {path} uses {teacher_tok['name']} "
-                        f"({teacher_tok['vocab_size']} ids) but the student uses {tokenizer_name} "
-                        f"({student_vocab - 1} ids + [MASK]); TCS needs the same tokenizer: pass "
-                        f"--tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer {tokenizer_name}")
+def check_tokenizers(teacher_tok, student_tok, student_vocab, path="--teacher"):
+    """Teacher and student must share the tokenizer: the targets are distributions over its ids.
+    teacher_tok: the teacher checkpoint's spec; student_tok: a spec or a tokenizer name. Compared by key:
+    two bpe tokenizers are the same only with the same merges."""
+    student_tok = {"name": student_tok} if isinstance(student_tok, str) else student_tok
+    teacher, student = tokenizer_key(teacher_tok), tokenizer_key(student_tok)
+    if teacher != student or teacher_tok["vocab_size"] + 1 != student_vocab:
+        raise UserError(f"tokenizer mismatch: the teacher {path} uses {teacher} "
+                        f"({teacher_tok['vocab_size']} ids) but the student uses {student} "
+                        f"({student_vocab - 1} ids + [MASK]); TCS needs the same tokenizer (bpe: the same merges): "
+                        f"pass --tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer "
+                        f"{student_tok['name']}")
 
 
-def build_tcs(args, student, device, data_dir, window, schedule=None):
+def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=None):
     """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, on_step, meta_extra).
     get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch; over
     --tcs_windows fixed chunks when > 0), so a window's targets are computed once and then served by the cache;
     with a fixed set they are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0.
     on_step(it, save) -> the cache's counters for the checkpoint (None without a cache), and writes the
-    --tcs_snapshots files; schedule: the student's noise schedule (None: log-linear)."""
+    --tcs_snapshots files; schedule: the student's noise schedule (None: log-linear); tokenizer: the student's
+    tokenizer spec (bpe: with its merges' hash; None: the --tokenizer name)."""
     in_memory = args.tcs_cache_dir is not None and args.tcs_cache_dir.lower() == "none"  # --tcs_cache_dir none
     if args.precompute_only and (args.tcs_windows <= 0 or in_memory):
         raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
                         "(and a --tcs_cache_dir other than none)")
     mask_id = student.cfg.vocab_size - 1
-    teacher, ckpt = load_teacher(args.teacher, args.tokenizer, student.cfg.vocab_size, window, device)
+    teacher, ckpt = load_teacher(args.teacher, tokenizer or args.tokenizer, student.cfg.vocab_size, window, device)
     bos_id = ckpt["tokenizer"]["eot_id"]
     if args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
         print(f"warning: exact TCS targets rescore {window} x {ckpt['config']['vocab_size']} sequences "
