@@ -464,7 +464,7 @@ def run_scripts(jobs, cwd):
 PLAY = "".join(f"{('ROMEO', 'JULIET')[i % 2]}:\nO gentle night, thy {('moon', 'star', 'rose')[i % 3]} is {i % 7} times "
                f"more fair than day.\n\n" for i in range(160))
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt", "--tokenizer", "bytes"]
+        "--tokenizer", "bytes", "--eval_tokens", "256", "--max_iters", "2", "--data", "tiny.txt"]
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,7 @@ def test_distillation_moves_the_fast_sampler_toward_the_slow_one(toy, oracle):
 # ----------------------------------------------------------------------------- distill.py end to end
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", "--batch_size", "2",
-        "--eval_tokens", "256", "--data", "play.txt", "--device", "cpu", "--tokenizer", "bytes"]
+        "--tokenizer", "bytes", "--eval_tokens", "256", "--data", "play.txt", "--device", "cpu"]
 ROUNDS = ["--rounds", "2", "--iters_per_round", "3", "--teacher_steps", "8", "--batch_size", "2",
           "--eval_tokens", "64", "--warmup", "2", "--device", "cpu"]
 
