@@ -469,12 +469,12 @@ TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--seq_len", "32", 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """An AR model (bytes) and an MDLM (gpt2), tiny, 2 iterations each, written by train.py."""
+    """An AR model (bytes) and an MDLM (a BPE learned from the corpus), tiny, 2 iterations each, written by
+    train.py: two tokenizers, so that --retokenize is exercised (offline)."""
     tmp = tmp_path_factory.mktemp("eval")
-    gpt2_or_skip()  # the MDLM below uses GPT-2 ids, so that --retokenize is exercised against a bytes judge
     (tmp / "tiny.txt").write_text(PLAY)
     jobs = [("train.py", *TINY, "--model", "ar", "--out_dir", "ar"),
-            ("train.py", *TINY, "--tokenizer", "gpt2", "--out_dir", "mdlm_gpt2")]
+            ("train.py", *TINY, "--tokenizer", "bpe", "--vocab_size", "300", "--out_dir", "mdlm_bpe")]
     for r in run_scripts(jobs, tmp):
         assert r.returncode == 0, r.stderr[-2000:]
     lam = tmp / "lambada.jsonl"
@@ -487,8 +487,8 @@ def test_eval_script_end_to_end(ckpts):
     common = ["--num_samples", "2", "--batch_size", "2", "--val_tokens", "64", "--lambada", "lambada.jsonl",
               "--limit", "2", "--lambada_draws", "2"]
     ar, mdlm = run_scripts([("eval.py", "--ckpt", "ar/ckpt.pt", "--judge", "ar/ckpt.pt", *common),
-                            # an MDLM with the gpt2 tokenizer, the bytes judge allowed by --retokenize
-                            ("eval.py", "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", "ar/ckpt.pt", "--retokenize",
+                            # an MDLM with a bpe tokenizer, the bytes judge allowed by --retokenize
+                            ("eval.py", "--ckpt", "mdlm_bpe/ckpt.pt", "--judge", "ar/ckpt.pt", "--retokenize",
                              "--steps", "2,4", *common)], ckpts)
     assert ar.returncode == 0, ar.stderr[-2000:]
     out = json.loads(ar.stdout.strip().splitlines()[-1])
@@ -510,8 +510,8 @@ def test_eval_script_end_to_end(ckpts):
 def test_eval_script_bad_judges(ckpts):
     """A corrupt judge and a judge with another tokenizer: exit 2 and one clear line on stderr."""
     (ckpts / "corrupt.pt").write_bytes(b"this is not a checkpoint" * 10)
-    cases = {"corrupt.pt": "corrupt", "ar/ckpt.pt": "uses the bytes tokenizer but the model uses gpt2"}
-    results = run_scripts([("eval.py", "--ckpt", "mdlm_gpt2/ckpt.pt", "--judge", judge) for judge in cases], ckpts)
+    cases = {"corrupt.pt": "corrupt", "ar/ckpt.pt": "uses the bytes tokenizer but the model uses bpe-"}
+    results = run_scripts([("eval.py", "--ckpt", "mdlm_bpe/ckpt.pt", "--judge", judge) for judge in cases], ckpts)
     for (judge, words), r in zip(cases.items(), results):
         assert r.returncode == 2, (judge, r.stderr[-2000:])
         lines = r.stderr.strip().splitlines()

@@ -234,7 +234,9 @@ def check_checkpoint(ckpt, kind=None, tokenizer=None, script=None, what="the che
     have_kind, have_tok = ckpt["kind"], tokenizer_key(ckpt["tokenizer"])
     if (kind or have_kind) != have_kind or (tokenizer or have_tok) != have_tok:
         want = KINDS.get(kind or have_kind, kind) + (f" with the {tokenizer} tokenizer" if tokenizer else "")
-        flags = f"--model {kind or have_kind}" + (f" --tokenizer {tokenizer}" if tokenizer else "")
+        flags = f"--model {kind or have_kind}" + (f" --tokenizer {tokenizer.split('-')[0]}" if tokenizer else "")
+        if tokenizer and tokenizer.startswith("bpe-"):  # a learned bpe is its merges: the same data and size
+            flags += " on the same --data with the same --vocab_size"
         raise UserError(f"{what} is {KINDS.get(have_kind, have_kind)} with the {have_tok} tokenizer, not {want}: "
                         + (fix or f"give one trained with train.py {flags}"))
 
