@@ -162,9 +162,8 @@ def main():
               f"{ctx['val_loss_per_byte']:.3f} nats/byte | a unigram model of the training split: "
               f"{ctx['unigram_per_byte']:.3f} nats/byte")
     if args.model == "mdlm" and lab_of(data_dir) is None:  # the same flags but --model and --out_dir
-        same = [f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items()
-                if k not in ("model", "out_dir", "resume", "init_from") and v not in (parser.get_default(k), None)
-                and v is not False]
+        given = given_flags(parser) - {"model", "out_dir", "resume", "init_from"}  # the flags this run was given
+        same = [f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items() if k in given and v is not False]
         print(f"the AR baseline of the same size: python train.py --model ar --out_dir {args.out_dir}-ar " + " ".join(same))
     emit({"model": args.model, "params": model.num_params(), **summary, **ctx, "sampler": sampler,
           "sampler_knobs": knobs})
