@@ -20,10 +20,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
+from tinydiff.loop import Noise  # noqa: E402
 from tinydiff.tcs import add_tcs_args, build_tcs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="the student (an MDLM checkpoint or snapshot)")
+parser.add_argument("--teacher", required=True, help="the AR teacher whose targets were precomputed")
 parser.add_argument("--batches", type=int, default=32)
 parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--seq_len", type=int, default=128)
@@ -44,15 +46,15 @@ def main():
     lams = [float(v) for v in args.lambdas.split(",")]
     losses = {}
     for lam in lams:  # build_tcs's loss reads its args when called: one copy per lambda
-        run = {"window": args.seq_len, "data_dir": data_dir}
-        losses[lam], _, _ = build_tcs(argparse.Namespace(**{**vars(args), "tcs_lambda": lam}), student, "cpu", run)
+        ns = argparse.Namespace(**{**vars(args), "tcs_lambda": lam})
+        losses[lam], get_batch, _, _ = build_tcs(ns, student, "cpu", data_dir, args.seq_len)
     grads = {lam: [] for lam in lams}
     gen = torch.Generator().manual_seed(args.seed)
     for b in range(args.batches):
-        x = run["get_batch"](data_dir, "train", args.batch_size, args.seq_len, gen, "cpu")  # (B, L) fixed windows
+        x = get_batch(args.batch_size, gen, "cpu")  # (B, L) fixed windows
         for lam in lams:
             student.zero_grad(set_to_none=True)
-            loss, _ = losses[lam](student, x, torch.Generator().manual_seed(args.seed * 1000 + b))  # same t, z
+            loss, _ = losses[lam](student, x, Noise(torch.Generator().manual_seed(args.seed * 1000 + b)))  # same t, z
             loss.backward()
             grads[lam].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
     out = {}
