@@ -6,7 +6,7 @@ For a student checkpoint this script draws --batches training batches from the f
 each batch computes the parameter gradient of the loss with lambda = 0 (plain MDLM), 0.5 and 1, on the
 SAME t and masks (tcs_loss draws them identically for every lambda). It reports, per lambda, the
 squared norm of the mean gradient (signal), the trace of the covariance of the per-batch gradient
-(noise), and the noise relative to lambda = 0.
+(noise), and the noise relative to lambda = 0 with its s.e. (paired over the same batches).
 
     python experiments/tcs_grad_noise.py --ckpt scratch-lam0/snap-000060.pt --teacher ar/ckpt.pt \
         --tcs_windows 1024 --topk 16 --window 8 --batches 32
@@ -57,16 +57,20 @@ def main():
             loss, _ = losses[lam](student, x, Noise(torch.Generator().manual_seed(args.seed * 1000 + b)))  # same t, z
             loss.backward()
             grads[lam].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
-    out = {}
+    out, dev = {}, {}
     for lam in lams:
         g = torch.stack(grads[lam]).double()  # (batches, P)
         mean = g.mean(0)
-        noise = ((g - mean) ** 2).sum(1).mean().item() * args.batches / (args.batches - 1)  # tr Cov per batch
+        dev[lam] = ((g - mean) ** 2).sum(1)  # (batches,) squared deviation of each batch's gradient
+        noise = dev[lam].mean().item() * args.batches / (args.batches - 1)  # tr Cov per batch
         out[lam] = {"signal": (mean ** 2).sum().item(), "noise": noise}
-    for lam in lams:
-        out[lam]["noise_vs_plain"] = out[lam]["noise"] / out[lams[0]]["noise"]
+    for lam in lams:  # ratio of means over the same batches: delta-method s.e. of the paired per-batch terms
+        a, c = dev[lam], dev[lams[0]]
+        r = a.mean().item() / c.mean().item()
+        se = r * ((a / a.mean() - c / c.mean()).std().item() / args.batches ** 0.5)
+        out[lam].update(noise_vs_plain=r, noise_vs_plain_se=se)
         print(f"lambda {lam}: |mean grad|^2 {out[lam]['signal']:.4g}, tr Cov(batch grad) {out[lam]['noise']:.4g} "
-              f"({out[lam]['noise_vs_plain']:.3f} x lambda {lams[0]})")
+              f"({r:.3f} ± {se:.3f} x lambda {lams[0]})")
     emit({"ckpt": args.ckpt, "batches": args.batches, "batch_size": args.batch_size,
           "by_lambda": {str(k): v for k, v in out.items()}})
 
