@@ -6,7 +6,7 @@ For a student checkpoint this script draws --batches training batches from the f
 each batch computes the parameter gradient of the loss with lambda = 0 (plain MDLM), 0.5 and 1, on the
 SAME t and masks (tcs_loss draws them identically for every lambda). It reports, per lambda, the
 squared norm of the mean gradient (signal), the trace of the covariance of the per-batch gradient
-(noise), and the noise relative to lambda = 0.
+(noise), and the noise relative to lambda = 0 with its s.e. (paired over the same batches).
 
     python experiments/tcs_grad_noise.py --ckpt scratch-lam0/snap-000060.pt --teacher ar/ckpt.pt \
         --tcs_windows 1024 --topk 16 --window 8 --batches 32
@@ -20,10 +20,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
+from tinydiff.loop import Noise  # noqa: E402
 from tinydiff.tcs import add_tcs_args, build_tcs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="the student (an MDLM checkpoint or snapshot)")
+parser.add_argument("--teacher", required=True, help="the AR teacher whose targets were precomputed")
 parser.add_argument("--batches", type=int, default=32)
 parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--seq_len", type=int, default=128)
@@ -44,27 +46,31 @@ def main():
     lams = [float(v) for v in args.lambdas.split(",")]
     losses = {}
     for lam in lams:  # build_tcs's loss reads its args when called: one copy per lambda
-        run = {"window": args.seq_len, "data_dir": data_dir}
-        losses[lam], _, _ = build_tcs(argparse.Namespace(**{**vars(args), "tcs_lambda": lam}), student, "cpu", run)
+        ns = argparse.Namespace(**{**vars(args), "tcs_lambda": lam})
+        losses[lam], get_batch, _, _ = build_tcs(ns, student, "cpu", data_dir, args.seq_len)
     grads = {lam: [] for lam in lams}
     gen = torch.Generator().manual_seed(args.seed)
     for b in range(args.batches):
-        x = run["get_batch"](data_dir, "train", args.batch_size, args.seq_len, gen, "cpu")  # (B, L) fixed windows
+        x = get_batch(args.batch_size, gen, "cpu")  # (B, L) fixed windows
         for lam in lams:
             student.zero_grad(set_to_none=True)
-            loss, _ = losses[lam](student, x, torch.Generator().manual_seed(args.seed * 1000 + b))  # same t, z
+            loss, _ = losses[lam](student, x, Noise(torch.Generator().manual_seed(args.seed * 1000 + b)))  # same t, z
             loss.backward()
             grads[lam].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
-    out = {}
+    out, dev = {}, {}
     for lam in lams:
         g = torch.stack(grads[lam]).double()  # (batches, P)
         mean = g.mean(0)
-        noise = ((g - mean) ** 2).sum(1).mean().item() * args.batches / (args.batches - 1)  # tr Cov per batch
+        dev[lam] = ((g - mean) ** 2).sum(1)  # (batches,) squared deviation of each batch's gradient
+        noise = dev[lam].mean().item() * args.batches / (args.batches - 1)  # tr Cov per batch
         out[lam] = {"signal": (mean ** 2).sum().item(), "noise": noise}
-    for lam in lams:
-        out[lam]["noise_vs_plain"] = out[lam]["noise"] / out[lams[0]]["noise"]
+    for lam in lams:  # ratio of means over the same batches: delta-method s.e. of the paired per-batch terms
+        a, c = dev[lam], dev[lams[0]]
+        r = a.mean().item() / c.mean().item()
+        se = r * ((a / a.mean() - c / c.mean()).std().item() / args.batches ** 0.5)
+        out[lam].update(noise_vs_plain=r, noise_vs_plain_se=se)
         print(f"lambda {lam}: |mean grad|^2 {out[lam]['signal']:.4g}, tr Cov(batch grad) {out[lam]['noise']:.4g} "
-              f"({out[lam]['noise_vs_plain']:.3f} x lambda {lams[0]})")
+              f"({r:.3f} ± {se:.3f} x lambda {lams[0]})")
     emit({"ckpt": args.ckpt, "batches": args.batches, "batch_size": args.batch_size,
           "by_lambda": {str(k): v for k, v in out.items()}})
 
