@@ -27,6 +27,9 @@ windows whose targets are computed once to disk (--precompute_only computes them
 On the exact lab (docs/lab.md), --teacher lab-oracle makes the lab's exact denoiser the teacher of every
 round (the student starts from --init, an MDLM trained on the lab): SDTT against a perfect teacher.
     python distill.py --method sdtt --teacher lab-oracle --init runs/lab/mdlm/ckpt.pt --teacher_ema ...
+and with --method tcs the TCS targets are the lab's exact full conditionals p(x_i = v | x_!=i) (all |V| ids); the
+student is fresh (--data lab[:spec] required; --n_layer/--n_head/--n_embd, default 4/4/128) or --init an MDLM of it:
+    python distill.py --method tcs --teacher lab-oracle --data lab --seq_len 128 --tcs_lambda 1 ...
 
 The two methods are two functions below, sdtt() and tcs(), each read top to bottom; --help shows the
 defaults of the method asked for (python distill.py --method tcs --help).
@@ -39,11 +42,11 @@ from tqdm import tqdm
 
 from tinydiff.checks import ArgumentParser, check_shape, given_flags, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, make_generator, model_from_checkpoint, setup_runtime
-from tinydiff.data import (checkpoint_data, framed_batches, get_batch, load_meta, load_tokenizer, prepare_for,
-                           tokenizer_from_spec)
+from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, get_tokenizer, load_meta,
+                           load_tokenizer, prepare_for, tokenizer_from_spec)
 from tinydiff.diffusion import get_schedule, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics
-from tinydiff.lab import OracleDenoiser
+from tinydiff.lab import OracleDenoiser, parse_spec
 from tinydiff.lab_eval import lab_of
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
@@ -58,8 +61,9 @@ parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 parser.add_argument("--method", default="sdtt", choices=["sdtt", "tcs"],
                     help="sdtt (MDLM teacher) or tcs (AR teacher); the defaults below are this method's")
 parser.add_argument("--teacher", default=None,
-                    help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py; sdtt on the lab "
-                         f"(docs/lab.md): {ORACLE} = the lab's exact denoiser, the student from --init")
+                    help="teacher checkpoint: an MDLM (sdtt) or an AR model (tcs) from train.py; on the lab "
+                         f"(docs/lab.md): {ORACLE} = the lab's exact denoiser (sdtt, student from --init) or its exact "
+                         f"full conditionals (tcs, with --data lab or --init)")
 # SDTT
 parser.add_argument("--teacher_ema", action="store_true",
                     help="sdtt: start the student (and first teacher) from the teacher's EMA weights, "
@@ -113,7 +117,15 @@ def main():
 
     # teacher checkpoint -> tokenizer and data (its own by default; --data overrides). The oracle teacher has
     # none: the student's checkpoint (--init) gives them, and the teacher is the exact denoiser of its lab
-    if oracle():
+    if oracle() and args.method == "tcs" and args.init == "scratch":
+        # TCS from scratch on the lab's exact targets: no checkpoint at all; the lab (--data) gives the tokenizer
+        # and the data, --n_layer/--n_head/--n_embd the student (train.py's defaults, 4/4/128)
+        if parse_spec(args.data or "") is None:
+            raise UserError(f"--method tcs --teacher {ORACLE} from scratch needs --data lab (or lab:W=...,...): "
+                            f"the lab whose exact full conditionals are the targets (or --init an MDLM trained on it)")
+        tckpt = {"config": ModelConfig(n_embd=128, seq_len=args.seq_len or 128).to_dict(),
+                 "args": {"data": args.data}, "tokenizer": get_tokenizer(default_tokenizer(args.data)).spec()}
+    elif oracle():
         if args.init == "scratch":
             raise UserError(f"--teacher {ORACLE} needs --init CKPT: the MDLM trained on the lab that the student "
                             f"starts from")
@@ -255,9 +267,15 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
                         "plain windows (drop --framing)")
     check_space(args.out_dir, checkpoint_bytes(student, 4))  # weights, EMA, AdamW's two moments
 
+    lab = None
+    if oracle():  # the targets: the lab's exact full conditionals p(x_i = v | x_!=i) (docs/lab.md §d)
+        lab = lab_of(data_dir)
+        if lab is None:
+            raise UserError(f"--teacher {ORACLE} needs a student trained on the lab (--data lab); {data_dir} is not")
+        print(f"TCS teacher: the lab's EXACT full conditionals ({lab.params.spec()}), all {lab.V} ids stored")
     # the teacher, the loss on its cached targets, and chunk-aligned batches (a window's targets are reused)
     loss_fn, batches, tcs_step, tcs_meta = build_tcs(args, student, device, data_dir, args.seq_len, schedule,
-                                                     tok.spec())
+                                                     tok.spec(), lab=lab)
     meta = student_meta(tok, data_dir, cfg, schedule, sample_steps=args.seq_len, **tcs_meta)
     if args.precompute_only:  # the --tcs_windows targets are on disk now: no training
         emit({"method": "tcs", "precompute_only": True, **tcs_meta["tcs"], "tcs_cache": tcs_step(0, None)})
@@ -273,8 +291,9 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
 
 
 def oracle():
-    """--teacher lab-oracle: SDTT's teacher is the lab's exact denoiser (tinydiff/lab.py)."""
-    return args.method == "sdtt" and args.teacher == ORACLE
+    """--teacher lab-oracle (tinydiff/lab.py): SDTT's teacher is the lab's exact denoiser; TCS's targets are the
+    lab's exact full conditionals."""
+    return args.teacher == ORACLE
 
 
 def check_student(student, data_dir):

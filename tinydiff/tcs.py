@@ -333,6 +333,14 @@ def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, cand
         return label_fallback(rescore(teacher, x, cand, bos_id, V, window, max_elems), cand, x)
 
 
+def oracle_targets(lab, x):
+    """The exact TCS target of a lab (tinydiff/lab.py, docs/lab.md): pi_i(v) = p(x_i = v | x_!=i) by
+    forward-backward over its hidden states, for clean windows x (B, L) -> (ids, logp), each (B, L, |V|):
+    every id stored, so no estimator and no tail draw (tau_i = pi_i exactly). fp32 log-probs on x's device."""
+    logp = lab.conditionals(x).log().float()  # (B, L, V), computed in float64 on the CPU
+    return all_ids(x, lab.V), logp.to(x.device)
+
+
 def to_dense(ids, logp, vocab_size):
     """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids (a repeated id's
     slots add up: an empty slot may repeat an id)."""
@@ -435,22 +443,32 @@ def check_tokenizers(teacher_tok, student_tok, student_vocab, path="--teacher"):
                         f"{student_tok['name']}")
 
 
-def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=None):
+def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=None, lab=None):
     """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, on_step, meta_extra).
     get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch; over
     --tcs_windows fixed chunks when > 0), so a window's targets are computed once and then served by the cache;
     with a fixed set they are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0.
     on_step(it, save) -> the cache's counters for the checkpoint (None without a cache), and writes the
     --tcs_snapshots files; schedule: the student's noise schedule (None: log-linear); tokenizer: the student's
-    tokenizer spec (bpe: with its merges' hash; None: the --tokenizer name)."""
+    tokenizer spec (bpe: with its merges' hash; None: the --tokenizer name); lab: a tinydiff.lab.Lab whose exact
+    full conditionals are the targets (--teacher lab-oracle: no teacher network, no target cache: they are cheap)."""
     in_memory = args.tcs_cache_dir is not None and args.tcs_cache_dir.lower() == "none"  # --tcs_cache_dir none
     if args.precompute_only and (args.tcs_windows <= 0 or in_memory):
         raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
                         "(and a --tcs_cache_dir other than none)")
     mask_id = student.cfg.vocab_size - 1
-    teacher, ckpt = load_teacher(args.teacher, tokenizer or args.tokenizer, student.cfg.vocab_size, window, device)
-    bos_id = ckpt["tokenizer"]["eot_id"]
-    if args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
+    if lab is not None:  # the exact targets of the lab: nothing to load, nothing worth caching
+        if args.precompute_only:
+            raise UserError("--precompute_only: the lab oracle's exact targets are computed on the fly (a few ms a "
+                            "batch); drop it")
+        if lab.V + 1 != student.cfg.vocab_size:
+            raise UserError(f"the student has {student.cfg.vocab_size - 1} ids + [MASK], the lab {lab.V}: train it on "
+                            f"the same lab")
+        teacher, ckpt, bos_id = None, {"config": None}, None
+    else:
+        teacher, ckpt = load_teacher(args.teacher, tokenizer or args.tokenizer, student.cfg.vocab_size, window, device)
+        bos_id = ckpt["tokenizer"]["eot_id"]
+    if lab is None and args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
         print(f"warning: exact TCS targets rescore {window} x {ckpt['config']['vocab_size']} sequences "
               f"per window: use --estimator topk for anything but tiny settings")
     max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
@@ -458,6 +476,8 @@ def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=
     def compute(x):
         if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same code path: no teacher
             return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
+        if lab is not None:
+            return oracle_targets(lab, x)  # (B, L, |V|) each: the exact pi
         return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window, args.candidates,
                            max_elems)
 
@@ -466,7 +486,7 @@ def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=
 
     def get_batch(n, generator, device):  # (n, L) chunk-aligned training windows
         return grid_batch(data_dir, "train", n, L, generator, device, chunks=chunks)
-    use_disk = chunks is not None and not in_memory
+    use_disk = chunks is not None and not in_memory and lab is None
     if use_disk and (args.tcs_lambda != 0 or args.precompute_only):
         topk = args.estimator == "topk"
         settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ckpt["config"],
@@ -476,7 +496,7 @@ def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=
         root = args.tcs_cache_dir or os.path.join(data_dir, "tcs_targets")
         cache = DiskTargets(root, windows, settings, compute).prepare(args.batch_size)
         print(f"TCS targets of {len(windows)} fixed windows: {cache.dir} ({cache.computed} computed now)")
-    elif args.tcs_cache_mb > 0 and args.tcs_lambda != 0:
+    elif args.tcs_cache_mb > 0 and args.tcs_lambda != 0 and lab is None:
         cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20))
     else:
         cache = compute
@@ -494,8 +514,9 @@ def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=
         return cache.stats() if hasattr(cache, "stats") else None
 
     meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
-                          "estimator": args.estimator, "topk": args.topk, "window": args.window,
-                          "candidates": args.candidates, "lambda": args.tcs_lambda, "chunk_grid": L,
+                          "estimator": "lab-oracle" if lab is not None else args.estimator, "topk": args.topk,
+                          "window": args.window, "candidates": args.candidates, "lambda": args.tcs_lambda,
+                          "chunk_grid": L,
                           "fixed_windows": args.tcs_windows, "targets_dir": str(cache.dir) if use_disk and
                           isinstance(cache, DiskTargets) else None}}
     return loss_fn, get_batch, on_step, meta_extra
