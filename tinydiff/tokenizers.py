@@ -1,0 +1,170 @@
+"""Tokenizers: how text becomes ids and back (docs/tokenizers.md).
+
+'bytes' (the UTF-8 bytes + end-of-text, 257 ids), 'gpt2' (tiktoken's GPT-2 BPE), 'bpe' (a byte-level BPE
+learned from a corpus when it is prepared; tinydiff/bpe.py) and the exact lab's own ('labA'). A tokenizer is
+described by spec() (name, vocab_size, eot_id, and for bpe its merges and their sha256), which every
+checkpoint carries: tokenizer_from_spec() rebuilds it without any data folder; two tokenizers are the same
+when their keys are (tokenizer_key; for bpe: the merges' hash, not the name). Preparing data with them:
+tinydiff/data.py.
+"""
+import hashlib
+import json
+
+import numpy as np
+
+from . import bpe
+from .common import DataError, tokenizer_key
+from .lab import LETTERS
+
+
+class Tokenizer:
+    """Shared decode: ids -> text, robust to ids a model may emit that are not text."""
+    name, vocab_size, eot_id = None, None, None
+    UNKNOWN = "□"  # shown for ids outside the vocabulary, e.g. the [MASK] id = vocab_size
+
+    def _bytes(self, ids):
+        raise NotImplementedError
+
+    def spec(self):
+        """What a checkpoint stores to rebuild this tokenizer (tokenizer_from_spec)."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+    @property
+    def key(self):
+        return tokenizer_key(self.spec())
+
+    def byte_lengths(self):
+        """(vocab_size,) UTF-8 bytes of each id's text; end-of-text counts 1 (as the byte tokenizer's eot id does),
+        so nats per byte compare across tokenizers."""
+        return np.array([1 if i == self.eot_id else len(self._bytes([i])) for i in range(self.vocab_size)])
+
+    def decode(self, ids):
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        out, run = [], []
+        for i in ids:
+            if 0 <= i < self.vocab_size and i != self.eot_id:
+                run.append(i)
+                continue
+            # flush the text run first: a multi-byte character may span several ids of it
+            out.append(self._bytes(run).decode("utf-8", errors="replace"))
+            run = []
+            out.append("\n" if i == self.eot_id else self.UNKNOWN)
+        out.append(self._bytes(run).decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class ByteTokenizer(Tokenizer):
+    """ids 0..255 are the UTF-8 bytes, 256 is end-of-text. Needs no vocabulary file."""
+    name, vocab_size, eot_id = "bytes", 257, 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def _bytes(self, ids):
+        return bytes(ids)
+
+
+class GPT2Tokenizer(Tokenizer):
+    """tiktoken's GPT-2 BPE: 50257 ids, the last one (50256) is <|endoftext|>."""
+    name = "gpt2"
+
+    def __init__(self):
+        try:
+            import tiktoken  # lazy: the bytes tokenizer must work without it
+        except ImportError:
+            raise DataError("the gpt2 tokenizer needs tiktoken: pip install tiktoken "
+                            "(or use --tokenizer bytes)") from None
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline with no cached vocabulary: requests/urllib errors, or a bad cache
+            raise DataError(f"could not load the GPT-2 vocabulary ({type(e).__name__}: {e}); tiktoken downloads it "
+                            f"on first use: go online once, or set TIKTOKEN_CACHE_DIR to a folder that holds a cached "
+                            f"copy (or use --tokenizer bytes)") from None
+        self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token
+
+    def encode(self, text):
+        # encode_ordinary: a literal "<|endoftext|>" inside a document is plain text, not the eot id
+        return self.enc.encode_ordinary(text)
+
+    def _bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+
+class LabTokenizer(Tokenizer):
+    """The exact lab's symbols (tinydiff/lab.py): 'labA' = the letters LETTERS[:A] (ids 0..A-1), the space
+    (A) and the sentence end (A+1, the eot id, shown as a newline)."""
+
+    def __init__(self, A):
+        self.name, self.vocab_size, self.eot_id, self.chars = f"lab{A}", A + 2, A + 1, LETTERS[:A] + " "
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text):
+        return [self.ids.get(c, self.eot_id) for c in text]  # anything else (newlines) ends a sentence
+
+    def _bytes(self, ids):
+        return "".join(self.chars[i] for i in ids).encode()
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE learned from a corpus (tinydiff/bpe.py): ids 0..255 the bytes, 256 + i merge i, then
+    end-of-text (the last id). Encoded by tiktoken with the learned ranks and GPT-2's pre-tokenisation."""
+    name = "bpe"
+
+    def __init__(self, merges):
+        tiktoken = self._tiktoken()
+        self.merges = [tuple(m) for m in merges]
+        self.sha256 = hashlib.sha256(json.dumps(self.merges).encode()).hexdigest()
+        self.enc = tiktoken.Encoding(f"tinydiff-bpe-{self.sha256[:12]}", pat_str=bpe.PATTERN,
+                                     mergeable_ranks=bpe.ranks(self.merges), special_tokens={})
+        self.vocab_size = 256 + len(self.merges) + 1
+        self.eot_id = self.vocab_size - 1
+
+    @staticmethod
+    def _tiktoken():
+        try:
+            import tiktoken  # lazy, as for gpt2: the bytes tokenizer must work without it (and without regex)
+        except ImportError:
+            raise DataError("the bpe tokenizer needs tiktoken: pip install tiktoken (or use --tokenizer bytes)") from None
+        return tiktoken
+
+    @classmethod
+    def learn(cls, texts, vocab_size):
+        cls._tiktoken()  # fail before learning, not after
+        return cls(bpe.learn_merges(texts, vocab_size - 257))
+
+    def spec(self):
+        return {**super().spec(), "merges": [list(m) for m in self.merges], "merges_sha256": self.sha256}
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def _bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+
+TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
+
+
+def get_tokenizer(name="bytes"):
+    if name.startswith("lab") and name[3:].isdigit() and 1 <= int(name[3:]) <= len(LETTERS):
+        return LabTokenizer(int(name[3:]))
+    if name not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (or labA for the lab)")
+    if name == "bpe":
+        raise DataError("the bpe tokenizer is learned from a corpus: prepare(source, 'bpe', vocab_size=V) learns it, "
+                        "load_tokenizer(data_dir) loads it, and a checkpoint carries its own (tokenizer_from_spec)")
+    return TOKENIZERS[name]()
+
+
+def tokenizer_from_spec(spec):
+    """The tokenizer a checkpoint's spec describes (self-describing: no data folder needed)."""
+    try:
+        if spec["name"] != "bpe":
+            return get_tokenizer(spec["name"])
+        tok = BPETokenizer(spec["merges"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise DataError(f"corrupt tokenizer description (name, merges) in a checkpoint or bpe.json: {str(spec)[:80]}") \
+            from None
+    if tok.sha256 != spec.get("merges_sha256", tok.sha256):
+        raise DataError(f"the bpe merges do not match their recorded hash {spec['merges_sha256'][:16]}: corrupt file")
+    return tok
