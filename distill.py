@@ -47,7 +47,7 @@ from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, g
 from tinydiff.diffusion import get_schedule, schedule_spec
 from tinydiff.evaluate import heldout_windows, val_metrics
 from tinydiff.lab import OracleDenoiser, parse_spec
-from tinydiff.lab_eval import lab_of
+from tinydiff.lab import lab_of
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
@@ -291,7 +291,7 @@ def tcs(tckpt, tok, data_dir, resume, device, autocast, use_compile):
 
 
 def oracle():
-    """--teacher lab-oracle (tinydiff/lab.py): SDTT's teacher is the lab's exact denoiser; TCS's targets are the
+    """--teacher lab-oracle (tinydiff/lab/language.py): SDTT's teacher is the lab's exact denoiser; TCS's targets are the
     lab's exact full conditionals."""
     return args.teacher == ORACLE
 

@@ -35,7 +35,7 @@ What every number is:
   law), float64 draws; NFE = network calls per batch of samples.
 - the exact lab (--data lab, docs/lab.md): each row also gets its TRUE cross-entropy CE = -log p(sample)/token
   beside H (the entropy of windows of gen_len tokens), the gen NLL with the true model as judge, the fraction
-  of valid words and the word-histogram TV (tinydiff/lab_eval.py); the AR model's samples start from one
+  of valid words and the word-histogram TV (tinydiff/lab/evaluate.py); the AR model's samples start from one
   token drawn from the language's stationary law (so a perfect model gives exact windows: CE = H), not eot.
   --oracle samples with the lab's exact denoiser instead of the network: its CE at K steps is the pure
   factorisation error of K-step sampling, e.g.
@@ -62,7 +62,7 @@ from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampler import ar_sample
 from tinydiff.lab import OracleDenoiser
-from tinydiff.lab_eval import heldout_gap, lab_metrics, lab_of, lab_table
+from tinydiff.lab import heldout_gap, lab_metrics, lab_of, lab_table
 from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import sync
 

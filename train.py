@@ -22,7 +22,7 @@ from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, g
                            prepare)
 from tinydiff.diffusion import SCHEDULES, get_schedule, nelbo_loss, schedule_spec
 from tinydiff.evaluate import heldout_windows, per_byte, val_metrics, val_window_len
-from tinydiff.lab_eval import lab_of
+from tinydiff.lab import lab_of
 from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim

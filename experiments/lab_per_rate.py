@@ -1,5 +1,5 @@
 """Per masking rate, how far each checkpoint's one-step prediction is from the exact lab posterior
-(tinydiff.lab_eval.per_rate): -log p_model(x_i | z_t), the oracle's, and KL(oracle || model) per masked
+(tinydiff.lab.per_rate): -log p_model(x_i | z_t), the oracle's, and KL(oracle || model) per masked
 token, on the same 256 stationary windows for every checkpoint (docs/lab.md §c).
 
     python experiments/lab_per_rate.py teacher=runs/lab/mdlm/ckpt.pt control=runs/labexp/control/iter1000.pt \
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tinydiff.common import load_checkpoint, model_from_checkpoint  # noqa: E402
 from tinydiff.data import checkpoint_data  # noqa: E402
-from tinydiff.lab_eval import lab_of, per_rate  # noqa: E402
+from tinydiff.lab import lab_of, per_rate  # noqa: E402
 
 RATES = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
 out = {}

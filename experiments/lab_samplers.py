@@ -26,7 +26,7 @@ from tinydiff.common import load_checkpoint, make_generator, model_from_checkpoi
 from tinydiff.data import checkpoint_data
 from tinydiff.evaluate import mean_entropy
 from tinydiff.lab import OracleDenoiser
-from tinydiff.lab_eval import lab_metrics, lab_of
+from tinydiff.lab import lab_metrics, lab_of
 from tinydiff.samplers import describe, resolve, sample
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

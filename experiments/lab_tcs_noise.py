@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
 from tinydiff.data import checkpoint_data  # noqa: E402
-from tinydiff.lab_eval import lab_of  # noqa: E402
-from tinydiff.tcs import oracle_targets, tcs_loss  # noqa: E402
+from tinydiff.lab import lab_of  # noqa: E402
+from tinydiff.lab import oracle_targets
+from tinydiff.tcs import tcs_loss  # noqa: E402
 from tinydiff.tcs_cache import grid_batch  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

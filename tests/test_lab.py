@@ -1,4 +1,4 @@
-"""tinydiff/lab.py against brute force: a tiny lab (2 letters, 3 words, V = 4 symbols) whose every
+"""tinydiff/lab/language.py against brute force: a tiny lab (2 letters, 3 words, V = 4 symbols) whose every
 string of length L is enumerated, with p(x) summed over every hidden-state path of a DENSE transition
 matrix built from the lab's definition (words, successor table) -- not from its structured recursions.
 Statistical checks (the samplers) use chi-square / standard-error tolerances at family-wise error 1e-4

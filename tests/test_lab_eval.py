@@ -1,4 +1,4 @@
-"""The lab as a data source (--data lab) and its exact evaluation (tinydiff/lab_eval.py, eval.py).
+"""The lab as a data source (--data lab) and its exact evaluation (tinydiff/lab/evaluate.py, eval.py).
 
 Statistical checks: standard-error tolerances at family-wise error 1e-4 (harness.z_threshold), fixed seeds.
 """
@@ -16,9 +16,10 @@ from harness import z_threshold
 from tinydiff.common import UserError
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare
 from tinydiff.lab import Lab, LabParams, OracleAR, OracleDenoiser
-from tinydiff.lab_eval import heldout_gap, lab_metrics, lab_of, per_rate, window_word_law, words_of
+from tinydiff.lab import heldout_gap, lab_metrics, lab_of, per_rate, window_word_law, words_of
 from tinydiff.sampler import diffusion_sample
-from tinydiff.tcs import oracle_targets, to_dense
+from tinydiff.lab import oracle_targets
+from tinydiff.tcs import to_dense
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -25,7 +25,7 @@ Sources (tinydiff/sources.py): 'stdlib' (the running interpreter's standard libr
 offline corpus), 'shakespeare' (tiny shakespeare, downloaded once), a path to a text file or a folder
 of them, and the Hugging Face datasets 'owt' (OpenWebText, the MDLM/SDTT corpus) and 'tinystories'
 (`pip install datasets`; downloaded once into its cache), and 'lab' / 'lab:W=256,delta=0.02,...' (the exact
-synthetic language of tinydiff/lab.py, with its own `labA` tokenizer: each split is ONE stationary chain
+synthetic language of tinydiff/lab/language.py, with its own `labA` tokenizer: each split is ONE stationary chain
 written as it is, with no separators added, so every window is an exact sample of the lab's law; meta.json
 records the parameters). prepare_documents() takes any documents
 (a datasets.Dataset with a "text" column, a list of dicts or of strings) for a corpus of your own.
@@ -40,7 +40,6 @@ import shutil
 import socket
 import time
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +49,9 @@ from tqdm import tqdm
 from . import bpe
 from .common import DataError, commit_files, pid_alive, tokenizer_key  # noqa: F401 (tokenizer_key: re-exported)
 from .dist import rank0_first
-from .lab import Lab, parse_spec
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
-from .tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, GPT2Tokenizer, LabTokenizer,  # noqa: F401 (re-exported)
+from .tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, GPT2Tokenizer,  # noqa: F401 (re-exported)
                          Tokenizer, get_tokenizer, tokenizer_from_spec)
 
 
@@ -61,6 +59,9 @@ from .tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, GPT2Tokenizer,
 
 def _lab_params(source):
     """LabParams of a lab source ('lab', 'lab:W=...'), None for any other source; a bad spec is a DataError."""
+    if source != "lab" and not str(source).startswith("lab:"):
+        return None
+    from .lab import parse_spec
     try:
         return parse_spec(source)
     except ValueError as e:
@@ -316,7 +317,8 @@ def prepare_for(source, tok, root="data", num_proc=None):
 
 def _prepare(source, tokenizer_name, root, num_proc, vocab_size):
     if _lab_params(source) is not None:
-        return _prepare_lab(source, _get_tokenizer(tokenizer_name), root)
+        from .lab import prepare_lab  # the exact lab (tinydiff/lab/): one stationary chain per split
+        return prepare_lab(source, _get_tokenizer(tokenizer_name), root)
     suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
     if source in HF_SOURCES:
         # identified by the recipe (repository, splits), so a prepared folder is reused without loading
@@ -373,31 +375,6 @@ def _is_complete(out):
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
-
-def _prepare_lab(source, tok, root):
-    """The exact lab: train.bin / val.bin are each one stationary chain of the lab's law (no eot added:
-    the eot id is the language's own sentence end), so every window of them is an exact sample."""
-    params = _lab_params(source)
-    if tok.name != default_tokenizer(source):
-        raise DataError(f"the lab is written in its own tokenizer {default_tokenizer(source)}, not {tok.name}: "
-                        f"drop --tokenizer (or pass --tokenizer {default_tokenizer(source)})")
-    spec = params.spec()  # the law and the split sizes: the data are a deterministic function of it
-    tok_meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
-    meta = _meta(tok_meta, spec, hashlib.sha256(spec.encode()).hexdigest())
-    out = _folder(root, "lab", tok.name, meta)
-    if _is_prepared(out, meta):
-        return out
-    lab = Lab(params)
-    splits = {split: lab.stream(n, np.random.default_rng([params.seed, 2, k])).tobytes()  # own seeds per split
-              for k, (split, n) in enumerate([("train", params.train_tokens), ("val", params.val_tokens)])}
-    meta.update(train_tokens=params.train_tokens, val_tokens=params.val_tokens, n_documents=2, n_train_documents=1,
-                n_val_documents=1, lab=asdict(params), lab_states=lab.S)
-    out.mkdir(parents=True, exist_ok=True)
-    commit_files({out / "train.bin": splits["train"], out / "val.bin": splits["val"],
-                  out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: commit marker
-    print(f"prepared {out}: the exact lab {spec} ({lab.S} hidden states), {params.train_tokens:,} train / "
-          f"{params.val_tokens:,} val tokens")
-    return out
 
 
 def load_meta(data_dir):

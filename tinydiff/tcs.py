@@ -333,13 +333,6 @@ def tcs_targets(teacher, x, bos_id, estimator="topk", topk=16, window=None, cand
         return label_fallback(rescore(teacher, x, cand, bos_id, V, window, max_elems), cand, x)
 
 
-def oracle_targets(lab, x):
-    """The exact TCS target of a lab (tinydiff/lab.py, docs/lab.md): pi_i(v) = p(x_i = v | x_!=i) by
-    forward-backward over its hidden states, for clean windows x (B, L) -> (ids, logp), each (B, L, |V|):
-    every id stored, so no estimator and no tail draw (tau_i = pi_i exactly). fp32 log-probs on x's device."""
-    logp = lab.conditionals(x).log().float()  # (B, L, V), computed in float64 on the CPU
-    return all_ids(x, lab.V), logp.to(x.device)
-
 
 def to_dense(ids, logp, vocab_size):
     """Sparse targets -> probabilities (B, L, vocab_size), zero outside the stored ids (a repeated id's
@@ -477,6 +470,7 @@ def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=
         if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same code path: no teacher
             return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
         if lab is not None:
+            from .lab import oracle_targets
             return oracle_targets(lab, x)  # (B, L, |V|) each: the exact pi
         return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window, args.candidates,
                            max_elems)

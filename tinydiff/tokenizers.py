@@ -14,7 +14,6 @@ import numpy as np
 
 from . import bpe
 from .common import DataError, tokenizer_key
-from .lab import LETTERS
 
 
 class Tokenizer:
@@ -90,20 +89,6 @@ class GPT2Tokenizer(Tokenizer):
         return self.enc.decode_bytes(ids)
 
 
-class LabTokenizer(Tokenizer):
-    """The exact lab's symbols (tinydiff/lab.py): 'labA' = the letters LETTERS[:A] (ids 0..A-1), the space
-    (A) and the sentence end (A+1, the eot id, shown as a newline)."""
-
-    def __init__(self, A):
-        self.name, self.vocab_size, self.eot_id, self.chars = f"lab{A}", A + 2, A + 1, LETTERS[:A] + " "
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text):
-        return [self.ids.get(c, self.eot_id) for c in text]  # anything else (newlines) ends a sentence
-
-    def _bytes(self, ids):
-        return "".join(self.chars[i] for i in ids).encode()
-
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE learned from a corpus (tinydiff/bpe.py): ids 0..255 the bytes, 256 + i merge i, then
@@ -146,8 +131,10 @@ TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer
 
 
 def get_tokenizer(name="bytes"):
-    if name.startswith("lab") and name[3:].isdigit() and 1 <= int(name[3:]) <= len(LETTERS):
-        return LabTokenizer(int(name[3:]))
+    if name.startswith("lab") and name[3:].isdigit():
+        from .lab import LETTERS, LabTokenizer  # the exact lab's own (tinydiff/lab/), imported only for it
+        if 1 <= int(name[3:]) <= len(LETTERS):
+            return LabTokenizer(int(name[3:]))
     if name not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)} (or labA for the lab)")
     if name == "bpe":

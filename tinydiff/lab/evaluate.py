@@ -1,4 +1,4 @@
-"""Exact evaluation of sample sets on the lab (tinydiff/lab.py; eval.py runs it when the data is the lab).
+"""Exact evaluation of sample sets on the lab (tinydiff/lab/language.py; eval.py runs it when the data is the lab).
 
 Per sample set (n samples of L tokens, independent):
 - ce: the TRUE cross-entropy, mean over samples of -log p(x) / L (nats/token), with its standard error.
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import load_meta
-from .diffusion import forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times
-from .lab import Lab, LabParams, OracleDenoiser, parse_spec
+from ..data import load_meta
+from ..diffusion import forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times
+from .language import Lab, LabParams, OracleDenoiser, parse_spec
 
 
 def lab_of(data_dir):
