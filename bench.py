@@ -39,8 +39,8 @@ from tinydiff.diffusion import get_schedule, nelbo_loss
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
 from tinydiff.loop import EMA, make_optimizer
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.sampler import ar_sample
-from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import ar_sample
+from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
                              matmul_flops, measure, plot_quality, print_table, roofline,
                              weight_params)

@@ -52,7 +52,7 @@ from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
-from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import add_tcs_args, build_tcs
 

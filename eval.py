@@ -60,10 +60,10 @@ from tinydiff.data import FRAMINGS, checkpoint_data, load_meta, tokenizer_from_s
 from tinydiff.diffusion import get_schedule
 from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
-from tinydiff.sampler import ar_sample
+from tinydiff.sampling import ar_sample
 from tinydiff.lab import OracleDenoiser
 from tinydiff.lab import heldout_gap, lab_metrics, lab_of, lab_table
-from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
 from tinydiff.timing import sync
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

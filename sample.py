@@ -23,8 +23,8 @@ from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_c
 from tinydiff.data import tokenizer_from_spec
 from tinydiff.diffusion import get_schedule
 from tinydiff.outdir import check_writable
-from tinydiff.sampler import ar_sample
-from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import ar_sample
+from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py or distill.py")

@@ -27,8 +27,8 @@ from tinydiff.loop import add_run_args, resume_args, train
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.presets import apply_preset
-from tinydiff.sampler import ar_sample
-from tinydiff.samplers import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import ar_sample
+from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
 
 parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="mdlm", choices=["mdlm", "ar"], help="masked diffusion LM or causal AR baseline")

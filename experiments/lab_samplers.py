@@ -1,4 +1,4 @@
-"""Every sampler of tinydiff/samplers.py on the exact lab (docs/lab.md, docs/samplers.md): true CE against H,
+"""Every sampler of tinydiff/sampling.py on the exact lab (docs/lab.md, docs/samplers.md): true CE against H,
 unigram entropy, valid words, word TV, NFE and wall time, at equal step budgets.
 
     python experiments/lab_samplers.py --model oracle --ckpt runs/lab/mdlm/ckpt.pt --nfe 8,16,32,64,128
@@ -27,7 +27,7 @@ from tinydiff.data import checkpoint_data
 from tinydiff.evaluate import mean_entropy
 from tinydiff.lab import OracleDenoiser
 from tinydiff.lab import lab_metrics, lab_of
-from tinydiff.samplers import describe, resolve, sample
+from tinydiff.sampling import describe, resolve, sample
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--model", required=True, help="an MDLM checkpoint trained on the lab, or 'oracle'")

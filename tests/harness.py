@@ -10,7 +10,7 @@ estimates has an exact reference here:
 - `OracleAR`            exact next-token conditionals p(x_j | x_<j) (an AR teacher / judge, with
                         the same KV-cache interface as tinydiff's Transformer) and the full
                         conditionals p(x_i = v | x_{!=i}) that TCS distils.
-- `exact_sampler_law`   the exact distribution of tinydiff.sampler.diffusion_sample's outputs.
+- `exact_sampler_law`   the exact distribution of tinydiff.sampling.diffusion_sample's outputs.
 - `exact_nelbo`         the exact expectation of the library's Monte-Carlo NELBO estimator.
 - `chi2_gof`, `tv`, `z_threshold`: the statistics used to compare samples with exact laws.
 
@@ -214,7 +214,7 @@ def _state_index(z, V):
 
 def _masked_probs(logits, mask_id, temperature=1.0, top_k=0, top_p=1.0):
     """Token probabilities (n, V+1) exactly as diffusion_sample draws them from logits rows (n, V+1)."""
-    from tinydiff.sampler import filter_logits
+    from tinydiff.sampling import filter_logits
     logits = logits.double().clone()
     logits[:, mask_id] = float("-inf")
     if temperature == 0:

@@ -1,9 +1,9 @@
-"""Exact output laws of the samplers in tinydiff/samplers.py, by enumeration on a Toy (tests/harness.py).
+"""Exact output laws of the samplers in tinydiff/sampling.py, by enumeration on a Toy (tests/harness.py).
 
 Each function propagates a distribution over the (V+1)^L partial states (token V = mask) step by step
 with its own, independent reading of the sampler's rule, and returns (N,) float64 aligned with
 Toy.seqs (plus the expected NFE where the sampler's NFE is random). No code is shared with the
-samplers except the knobs' filtering (harness._masked_probs, i.e. tinydiff.sampler.filter_logits) and,
+samplers except the knobs' filtering (harness._masked_probs, i.e. tinydiff.sampling.filter_logits) and,
 for remdm, its documented per-step (p_reveal, sigma) table, which tests check by hand separately.
 """
 import itertools
@@ -132,15 +132,16 @@ def remdm_law(model, toy, plan, init=None, **knobs):
     return _to_seqs(toy, P, states, greedy)
 
 
-def semi_ar_law(model, toy, N, W, block, steps, eps=1e-5, **knobs):
-    """Law over V^N of semi_ar with the ancestral sampler inside: blocks [a, e) left to right, each
-    sampled with max(1, round(steps (e - a) / N)) steps in the window [max(0, e - W), .. + W) that
-    shows the earlier tokens and masks after the block. Returns {sequence tuple: prob}."""
-    m, V = toy.mask_id, toy.V
-    law = {(): 1.0}
-    for a in range(0, N, block):
+def semi_ar_law(model, toy, N, W, block, steps, eps=1e-5, prompt=(), **knobs):
+    """Law over V^N of semi_ar with the ancestral sampler inside, after a clamped prompt (a tuple of P tokens):
+    blocks [a, e) left to right from P, each sampled with max(1, round(steps (e - a) / (N - P))) steps in the
+    window [max(0, e - W), .. + W) that shows the earlier tokens and masks after the block.
+    Returns {sequence tuple: prob}."""
+    m, V, P = toy.mask_id, toy.V, len(prompt)
+    law = {tuple(prompt): 1.0}
+    for a in range(P, N, block):
         e = min(a + block, N)
-        s, k = max(0, e - W), max(1, round(steps * (e - a) / N))
+        s, k = max(0, e - W), max(1, round(steps * (e - a) / (N - P)))
         new = {}
         for prefix, pr in law.items():
             def block_probs(z, prefix=prefix):  # (n, e - a) block states -> the model's logits there
@@ -163,7 +164,7 @@ def compare(K_list=(1, 2, 4, 8, 16, 64), seed=0):
     expected, one sequence); ancestral's and remdm's NFE (cache) is left out."""
     from harness import OracleDenoiser, Toy, tv
     from tinydiff.diffusion import LogLinearSchedule
-    from tinydiff.samplers import remdm_plan
+    from tinydiff.sampling import remdm_plan
     toy = Toy(V=3, L=4, seed=seed)
     oracle = OracleDenoiser(toy)
     H = toy.entropy()

@@ -12,7 +12,7 @@ import torch
 
 from tinydiff.common import save_checkpoint
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.sampler import ar_sample
+from tinydiff.sampling import ar_sample
 from tinydiff.timing import crossover, known_gpu, make_decode, measure, roofline, weight_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")

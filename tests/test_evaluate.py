@@ -28,7 +28,7 @@ from tinydiff.data import BPETokenizer, get_tokenizer
 from tinydiff.evaluate import (_lambada_inputs, check_judge, corpus_nll, heldout_windows, judge_nll, lambada,
                                mdlm_judge_tokens, mean_entropy, read_lambada, sample_metrics, self_bleu,
                                split_last_word, unigram_entropy, val_metrics)
-from tinydiff.sampler import diffusion_sample
+from tinydiff.sampling import diffusion_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

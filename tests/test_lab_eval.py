@@ -17,7 +17,7 @@ from tinydiff.common import UserError
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare
 from tinydiff.lab import Lab, LabParams, OracleAR, OracleDenoiser
 from tinydiff.lab import heldout_gap, lab_metrics, lab_of, per_rate, window_word_law, words_of
-from tinydiff.sampler import diffusion_sample
+from tinydiff.sampling import diffusion_sample
 from tinydiff.lab import oracle_targets
 from tinydiff.tcs import to_dense
 

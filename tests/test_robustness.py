@@ -111,7 +111,7 @@ BAD_FLAGS = [  # (script, flags, words the error line must hold): the QA cases a
     ("distill.py", ["--grad_accum", "0"], ["--grad_accum 0"]),
     ("sample.py", ["--steps", "0"], ["--steps 0", "at least 1"]),
     ("sample.py", ["--steps", "-3"], ["--steps -3"]),
-    ("sample.py", ["--temperature", "-1"], ["--temperature -1", ">= 0"]),  # knobs: tinydiff/samplers.py
+    ("sample.py", ["--temperature", "-1"], ["--temperature -1", ">= 0"]),  # knobs: tinydiff/sampling.py
     ("sample.py", ["--temperature", "nan"], ["--temperature nan"]),
     ("sample.py", ["--top_k", "-5"], ["--top_k -5"]),
     ("sample.py", ["--top_p", "0"], ["--top_p 0", "(0, 1]"]),

@@ -1,4 +1,4 @@
-"""Samplers (tinydiff/sampler.py) against exact laws from the known-distribution harness.
+"""Samplers (tinydiff/sampling.py) against exact laws from the known-distribution harness.
 
 The diffusion sampler's output distribution is computed exactly by `exact_sampler_law` (a
 distribution over partial states propagated step by step), so the empirical distribution of many
@@ -13,7 +13,7 @@ import torch
 from harness import OracleDenoiser, chi2_gof, exact_sampler_law, tv
 from tinydiff.diffusion import SCHEDULES, get_schedule
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.sampler import ar_sample, diffusion_sample, filter_logits, sample_tokens
+from tinydiff.sampling import ar_sample, diffusion_sample, filter_logits, sample_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

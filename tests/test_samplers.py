@@ -1,4 +1,4 @@
-"""The sampler registry (tinydiff/samplers.py) against exact laws on the known-distribution harness.
+"""The sampler registry (tinydiff/sampling.py) against exact laws on the known-distribution harness.
 
 Exact laws come from tests/sampler_laws.py (enumeration, independent of the samplers' code); samples
 are compared with them by a chi-square test at ALPHA, and each such test checks its power on a nearby
@@ -18,8 +18,8 @@ from sampler_laws import confidence_law, counts_per_step, remdm_law, semi_ar_law
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.diffusion import LogLinearSchedule
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.sampler import diffusion_sample
-from tinydiff.samplers import SAMPLERS, describe, remdm_plan, resolve, reveal_counts, sample
+from tinydiff.sampling import diffusion_sample
+from tinydiff.sampling import SAMPLERS, describe, remdm_plan, resolve, reveal_counts, sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ALPHA = 1e-4
@@ -50,7 +50,7 @@ class Counting(torch.nn.Module):
 
 
 def test_ancestral_draws_are_pinned(toy, oracle):
-    """The registry's ancestral sampler gives, draw for draw, what tinydiff.sampler.diffusion_sample
+    """The registry's ancestral sampler gives, draw for draw, what tinydiff.sampling.diffusion_sample
     gave before the registry existed (outputs recorded at commit fc06345)."""
     m = toy.mask_id
     cases = [  # (K, init, knobs, seed) -> (tokens, nfe) recorded from the original implementation
@@ -301,6 +301,39 @@ def test_semi_ar_one_block_is_its_inner_sampler(toy, oracle):
         a = draw(inner, oracle, toy, 3, n=500, seed=4)
         b = draw("semi_ar", oracle, toy, 3, n=500, seed=4, inner=inner, block_len=toy.L)
         assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_semi_ar_after_a_prompt_matches_exact_law(toy, oracle):
+    """With a prompt the blocks start after it (LLaDA's) and the whole step budget goes to the generated part:
+    the law of the exact harness with blocks [P, P + b), ...; with P = 0 it is the law without a prompt."""
+    m, n_len, block, K, prompt = toy.mask_id, 6, 2, 4, (1, 0, 2)
+    law = semi_ar_law(oracle, toy, n_len, toy.L, block, K, eps=EPS, prompt=prompt)
+    assert semi_ar_law(oracle, toy, n_len, toy.L, block, K, eps=EPS, prompt=()) == \
+        semi_ar_law(oracle, toy, n_len, toy.L, block, K, eps=EPS)
+    init = torch.full((N, n_len), m)
+    init[:, :3] = torch.tensor(prompt)
+    x, _ = sample("semi_ar", oracle, init, K, m, torch.Generator().manual_seed(6), context=toy.L, eps=EPS,
+                  block_len=block)
+    seqs = list(law)
+    index = {s: i for i, s in enumerate(seqs)}
+    hist = torch.zeros(len(seqs), dtype=torch.float64)
+    for row in x.tolist():
+        hist[index[tuple(row)]] += 1
+    assert chi2_gof(hist, torch.tensor([law[s] for s in seqs], dtype=torch.float64))[1] > ALPHA
+
+
+def test_semi_ar_spends_the_whole_budget_on_generated_blocks():
+    """A 200-token prompt in a 256 window, blocks of 32, 28 steps: the 56 generated tokens get all 28 steps
+    (16 + 12; before the fix blocks started at 0 and the prompt's blocks took most of the budget)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, seq_len=256)).eval()
+    m = 10
+    init = torch.full((2, 256), m)
+    init[:, :200] = torch.randint(0, m, (2, 200))
+    for inner, knobs in (("confidence", {}), ("threshold", {"tau": 1.0})):
+        x, nfe = sample("semi_ar", model, init, 28, m, torch.Generator().manual_seed(0), context=256, block_len=32,
+                        inner=inner, **knobs)
+        assert nfe == 28 and (x != m).all() and torch.equal(x[:, :200], init[:, :200]), inner
 
 
 @pytest.mark.parametrize("n_len,block,K,knobs", [(4, 2, 4, {}), (6, 2, 6, {"top_p": 0.8}), (7, 3, 3, {})])

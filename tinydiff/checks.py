@@ -59,7 +59,7 @@ RULES = {
     "topk": Rule(0, note="0 = all"), "window": POSITIVE, "tcs_lambda": Rule(0, 1), "tcs_cache_mb": Rule(0, note="0 = no cache"),
     "teacher_elems": Rule(0, note="0 = auto"),
     # sampling (sample.py, eval.py, bench.py): a step count of 0 would be a silent default, not a request.
-    # The samplers' knobs (--temperature, --top_k, --top_p, --tau, ...) are checked by tinydiff/samplers.py
+    # The samplers' knobs (--temperature, --top_k, --top_p, --tau, ...) are checked by tinydiff/sampling.py
     "steps": Rule(1, note="diffusion sampling steps"), "num_samples": POSITIVE,
     "gen_len": Rule(2, note="the judge scores tokens 2..L"),
     # evaluation (eval.py)
@@ -85,14 +85,14 @@ def check(name, value):
 
 def validate(args):
     """Check every flag of a parsed namespace that RULES names, the shape rules of the model, and the knobs
-    of the sampler(s) asked for (tinydiff/samplers.py)."""
+    of the sampler(s) asked for (tinydiff/sampling.py)."""
     for name, value in vars(args).items():
         check(name, value)
     if getattr(args, "n_head", None) and getattr(args, "n_embd", None):
         check_shape(args.n_embd, args.n_head)
     if getattr(args, "min_lr", None) and getattr(args, "lr", None) and args.min_lr > args.lr:
         raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}: the cosine schedule decays from lr to min_lr")
-    from .samplers import knobs_from_args  # the samplers' knobs have their rules there
+    from .sampling import knobs_from_args  # the samplers' knobs have their rules there
     for name in [args.sampler] if hasattr(args, "sampler") else getattr(args, "samplers", None) or []:
         knobs_from_args(name, args)
 

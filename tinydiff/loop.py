@@ -40,7 +40,7 @@ from .common import UserError, save_checkpoint, write_error
 from .data import FRAMINGS
 from .model import DROPOUT_SITES
 from .lab import canonical_source
-from .samplers import sampler_flags
+from .sampling import sampler_flags
 
 PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
 INTERRUPTED = 130  # after Ctrl-C (128 + SIGINT), likewise

@@ -13,7 +13,7 @@ which looks like a typo of the above; we do not reproduce it.
 import torch
 
 from .diffusion import forward_mask, masked_log_probs, sample_times, subs_log_probs
-from .sampler import reveal_tokens
+from .sampling import reveal_tokens
 
 DIVERGENCES = ("kl_bwd", "kl_fwd", "mse", "tvd")
 
@@ -23,7 +23,7 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
     """The SDTT targets of paper Algorithm 1 for a noised DATA batch z_t (B, L) at times t (B,).
 
     From the same z_t, the teacher takes n_steps ancestral steps of size delta (MDLM eq. 7, as in
-    tinydiff.sampler): step i runs from t_i = max(t - i·delta, eps) to max(t_i - delta, eps) and
+    tinydiff.sampling): step i runs from t_i = max(t - i·delta, eps) to max(t_i - delta, eps) and
     reveals each still-masked position with probability (α_s - α_t)/(1 - α_t), with a token drawn
     from the teacher. Every position keeps the teacher log-probs of the step that revealed it;
     positions still masked after the n steps keep the last step's log-probs. Draws are float64 (as
