@@ -23,7 +23,6 @@ Quality against latency (the paper's Figure 1) from real checkpoints, judged by 
     python bench.py --sections quality --judge out-judge/ckpt.pt \
         --ckpts mdlm=out/ckpt.pt sdtt=out-sdtt/ckpt.pt ar=out-ar/ckpt.pt --quality_steps 16,64,256
 """
-import argparse
 import math
 import os
 import platform
@@ -31,21 +30,21 @@ import statistics
 
 import torch
 
-from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.run import ArgumentParser, add_sampler_args, int_list, knobs_from_args, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, model_from_checkpoint, pick_device,
                              pick_dtype)
 from tinydiff.data import tokenizer_from_spec
-from tinydiff.diffusion import get_schedule, nelbo_loss
+from tinydiff.diffusion import forward_mask, get_schedule, nelbo_loss, sample_times
 from tinydiff.evaluate import check_judge, retokenize, sample_metrics
-from tinydiff.loop import EMA, make_optimizer
+from tinydiff.common import EMA, make_optimizer
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampling import ar_sample
-from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import describe, sample
 from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
                              matmul_flops, measure, plot_quality, print_table, roofline,
                              weight_params)
 
-parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__)
 parser.add_argument("--sections", default="latency,throughput,roofline",
                     help="comma list of latency, throughput, roofline, quality (quality needs --judge and --ckpts)")
 parser.add_argument("--size", default="tiny", choices=list(SIZES), help="random-weight model shape (paper's + tiny)")
@@ -182,8 +181,11 @@ def throughput(L):
         fwd, noise = torch.compile(model) if compiled else model, gen(1)
 
         def step():
+            schedule, mask_id = get_schedule(), model.cfg.vocab_size - 1
+            t = sample_times(len(x), noise, device)  # (B,)
+            z = forward_mask(x, t, schedule, mask_id, noise)  # (B, L)
             with autocast():
-                loss = nelbo_loss(fwd, x, get_schedule(), model.cfg.vocab_size - 1, noise)[0]
+                loss = nelbo_loss(fwd, x, z, t, schedule, mask_id)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

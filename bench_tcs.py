@@ -18,18 +18,17 @@ CPU (the AR teacher of docs/tcs.md, length 32 where `exact` is affordable):
     python bench_tcs.py --teacher out-ar/ckpt.pt --seq_len 32 --n_seq 16
 GPU: the same with a bigger teacher, e.g. --seq_len 128 --n_seq 64 --batch_size 16.
 """
-import argparse
 import time
 
 import torch
 
-from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.run import ArgumentParser, int_list, run_main, validate
 from tinydiff.common import UserError, emit, load_checkpoint, model_from_checkpoint, pick_device
 from tinydiff.data import checkpoint_data, val_windows
 from tinydiff.tcs import dense_targets, grad_suffix, prefix_log_probs, rescore, tcs_targets, to_dense
 from tinydiff.timing import sync
 
-parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__)
 parser.add_argument("--teacher", required=True, help="AR checkpoint (train.py --model ar)")
 parser.add_argument("--data_dir", default=None,
                     help="prepared data folder (default: the one the teacher was trained on)")

@@ -46,14 +46,13 @@ What every number is:
   protocol, [BOS] + context + [MASK]s + [EOS] with the EOS clamped ([BOS] + context for an AR model);
   none = context alone.
 """
-import argparse
 import math
 import os
 import time
 
 import torch
 
-from tinydiff.checks import ArgumentParser, int_list, run_main, validate
+from tinydiff.run import ArgumentParser, add_sampler_args, int_list, knobs_from_args, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, make_generator, model_from_checkpoint,
                              pick_device, pick_dtype)
 from tinydiff.data import FRAMINGS, checkpoint_data, load_meta, tokenizer_from_spec
@@ -63,10 +62,10 @@ from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge,
 from tinydiff.sampling import ar_sample
 from tinydiff.lab import OracleDenoiser
 from tinydiff.lab import heldout_gap, lab_metrics, lab_of, lab_table
-from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import describe, sample
 from tinydiff.timing import sync
 
-parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
 parser.add_argument("--judge", default=None, help="AR checkpoint that scores the samples (gen PPL); none: no gen PPL")
 parser.add_argument("--gen_ppl_protocol", default="sdtt", choices=GEN_PPL_PROTOCOLS,

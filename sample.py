@@ -10,23 +10,22 @@ MDLM samples with --sampler (default ancestral; float64 draws, a prompt is a cla
 static KV cache (an unconditional sample starts from the end-of-text token; --temperature/--top_k/--top_p
 apply, the other knobs do not).
 """
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from tinydiff.checks import ArgumentParser, run_main, validate
+from tinydiff.run import ArgumentParser, add_sampler_args, knobs_from_args, run_main, validate
 from tinydiff.common import (UserError, autocast_ctx, commit_files, emit, load_checkpoint, make_generator,
                              model_from_checkpoint, pick_device, pick_dtype, write_error)
 from tinydiff.data import tokenizer_from_spec
 from tinydiff.diffusion import get_schedule
 from tinydiff.outdir import check_writable
 from tinydiff.sampling import ar_sample
-from tinydiff.sampling import add_sampler_args, describe, knobs_from_args, sample
+from tinydiff.sampling import describe, sample
 
-parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = ArgumentParser(description=__doc__)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py or distill.py")
 parser.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: what the checkpoint records)")
 parser.add_argument("--num_samples", type=int, default=2, help="how many samples")

@@ -80,24 +80,19 @@ def test_stratified_times_one_per_stratum(B):
     assert abs(first.mean().item() - mean) <= z_threshold(ALPHA, 3) * se
 
 
-def test_ranks_draw_their_rows_of_the_global_batch():
-    """DDP: rank r of `world` holds rows r, r + world, ... of the global batch; given (rank, world) and a generator
-    in the same state, its t and masks are exactly those rows of one process's draw for the whole batch."""
+def test_ranks_rows_average_to_the_global_loss():
+    """DDP (train.py, distill.py): every rank draws the global batch's t and masks and keeps rows r, r + world, ...;
+    the mean of the ranks' losses is the one-process loss of the global batch (what DDP's gradient average needs)."""
     world, B, L, mask_id, s = 3, 4, 6, 7, LogLinearSchedule()
     x = torch.randint(0, mask_id, (world * B, L), generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(0)
-    t_all = sample_times(world * B, gen)
-    z_all = forward_mask(x, t_all, s, mask_id, gen)
-    loss_all = nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x, s, mask_id, gen)[0]
-    losses = []
-    for rank in range(world):
-        gen = torch.Generator().manual_seed(0)
-        t = sample_times(B, gen, rank=rank, world=world)
-        z = forward_mask(x[rank::world], t, s, mask_id, gen, rank=rank, world=world)
-        assert torch.equal(t, t_all[rank::world]) and torch.equal(z, z_all[rank::world])
-        losses.append(nelbo_loss(lambda z: torch.zeros(*z.shape, mask_id + 1), x[rank::world], s, mask_id, gen,
-                                 rank=rank, world=world)[0])
-    assert torch.stack(losses).mean().item() == pytest.approx(loss_all.item(), rel=1e-6)  # DDP's gradient average
+    t = sample_times(world * B, gen)
+    z = forward_mask(x, t, s, mask_id, gen)
+    model = lambda z: torch.randn(*z.shape, mask_id + 1, generator=torch.Generator().manual_seed(len(z)))
+    whole = nelbo_terms(model(z), x, z, t, s, mask_id)  # (world*B, L)
+    losses = [nelbo_loss(lambda zr, r=r: model(z)[r::world], x[r::world], z[r::world], t[r::world], s, mask_id)
+              for r in range(world)]
+    assert torch.stack(losses).mean().item() == pytest.approx(whole.mean().item(), rel=1e-6)
 
 
 def test_subs_invariants():
@@ -149,11 +144,10 @@ def test_nelbo_loss_is_mean_of_terms():
     s, mask_id = LogLinearSchedule(), 4
     x = torch.randint(0, mask_id, (8, 5), generator=torch.Generator().manual_seed(2))
     model = lambda z: torch.randn(*z.shape, mask_id + 1, generator=torch.Generator().manual_seed(3))
-    loss, t, z = nelbo_loss(model, x, s, mask_id, torch.Generator().manual_seed(5))
-    gen = torch.Generator().manual_seed(5)  # replay the same draws: t first, then the masks
-    t2 = sample_times(len(x), gen)
-    z2 = forward_mask(x, t2, s, mask_id, gen)
-    assert torch.equal(t, t2) and torch.equal(z, z2)
+    gen = torch.Generator().manual_seed(5)
+    t = sample_times(len(x), gen)
+    z = forward_mask(x, t, s, mask_id, gen)
+    loss = nelbo_loss(model, x, z, t, s, mask_id)
     assert loss.item() == pytest.approx(nelbo_terms(model(z), x, z, t, s, mask_id).sum().item() / x.numel())
 
 
@@ -170,7 +164,10 @@ def test_masked_only_loss_equals_the_full_loss():
     results = []
     for masked_only in (False, True):
         model.zero_grad()
-        loss, t, z = nelbo_loss(model, x, s, mask_id, torch.Generator().manual_seed(3), masked_only=masked_only)
+        gen = torch.Generator().manual_seed(3)
+        t = sample_times(len(x), gen)
+        z = forward_mask(x, t, s, mask_id, gen)
+        loss = nelbo_loss(model, x, z, t, s, mask_id, masked_only=masked_only)
         loss.backward()
         results.append((loss.detach(), z, [p.grad.clone() for p in model.parameters()]))
     (full, z_full, g_full), (part, z_part, g_part) = results

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from harness import z_threshold
-from tinydiff.common import UserError
 from tinydiff.data import DataError, get_batch, get_tokenizer, load_meta, prepare
 from tinydiff.lab import Lab, LabParams, OracleAR, OracleDenoiser
 from tinydiff.lab import heldout_gap, lab_metrics, lab_of, per_rate, window_word_law, words_of
@@ -187,42 +186,6 @@ def test_tcs_oracle_targets_are_the_brute_force_conditionals():
             assert torch.allclose(dense[b, i, :tiny.V].double(), want, rtol=1e-5, atol=1e-7), (b, i)
 
 
-def test_build_tcs_with_the_lab_oracle(tmp_path, lab):
-    """build_tcs(lab=...): the loss is the TCS loss on the exact targets, batches on the chunk grid, lambda 0 is
-    the plain NELBO through the same path, and nothing is cached or precomputed."""
-    import argparse
-    from tinydiff.diffusion import LogLinearSchedule, nelbo_loss
-    from tinydiff.loop import Noise
-    from tinydiff.model import ModelConfig, Transformer
-    from tinydiff.tcs import add_tcs_args, build_tcs, tcs_loss
-    from tinydiff.tcs_cache import grid_batch
-    lab.sample(1, 3000, torch.Generator().manual_seed(0))[0].numpy().astype(np.uint16).tofile(tmp_path / "train.bin")
-    torch.manual_seed(0)
-    student = Transformer(ModelConfig(vocab_size=lab.V + 1, n_layer=1, n_head=2, n_embd=16, seq_len=16))
-    p = argparse.ArgumentParser()
-    p.add_argument("--teacher")
-    add_tcs_args(p)
-    args = lambda **kw: argparse.Namespace(**{**vars(p.parse_args(["--teacher", "lab-oracle"])), **kw})
-    x = lab.sample(4, 16, torch.Generator().manual_seed(1))  # (4, 16)
-    loss_fn, get_batch, on_step, meta = build_tcs(args(tcs_lambda=1.0), student, "cpu", tmp_path, 16, lab=lab)
-    loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(3)))
-    ids, logp = oracle_targets(lab, x)
-    ref, _ = tcs_loss(student, x, ids, logp, lab.mask_id, 1.0, torch.Generator().manual_seed(3))
-    assert torch.equal(loss, ref) and torch.isclose(loss, logs["tcs"])
-    assert meta["tcs"]["estimator"] == "lab-oracle" and on_step(1, None) is None  # no cache
-    batch = get_batch(8, torch.Generator().manual_seed(0), "cpu")
-    assert torch.equal(batch, grid_batch(tmp_path, "train", 8, 16, torch.Generator().manual_seed(0)))
-    loss_fn, _, _, _ = build_tcs(args(tcs_lambda=0.0), student, "cpu", tmp_path, 16, lab=lab)
-    loss, _ = loss_fn(student, x, Noise(torch.Generator().manual_seed(5)))
-    ref = nelbo_loss(student, x, LogLinearSchedule(), lab.mask_id, torch.Generator().manual_seed(5))[0]
-    assert torch.equal(loss, ref)
-    with pytest.raises(UserError, match="precompute_only"):
-        build_tcs(args(precompute_only=True, tcs_windows=8), student, "cpu", tmp_path, 16, lab=lab)
-    with pytest.raises(UserError, match="same lab"):
-        build_tcs(args(), Transformer(ModelConfig(vocab_size=20, n_layer=1, n_head=2, n_embd=16, seq_len=16)), "cpu",
-                  tmp_path, 16, lab=lab)
-
-
 @pytest.mark.slow
 def test_distill_tcs_lab_oracle_end_to_end(tmp_path):
     """From scratch on --data lab (no checkpoint), then TCS fine-tuning of that MDLM (--init); a bad use: one line."""
@@ -242,8 +205,10 @@ def test_distill_tcs_lab_oracle_end_to_end(tmp_path):
     p = run(os.path.join(ROOT, "distill.py"), *tiny, "--init", "s/ckpt.pt", "--out_dir", "f", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert torch.load(tmp_path / "f" / "ckpt.pt", weights_only=False)["args"]["data"] == SMALL.spec()
-    for bad in ([], ["--data", "stdlib"]):  # no lab to take the exact targets from
+    scratch = "error: --method tcs --teacher lab-oracle from scratch needs --data lab"
+    for bad, says in (([], scratch), (["--data", "stdlib"], scratch),  # no lab to take the exact targets from
+                      (["--data", SPEC, "--precompute_only", "--tcs_windows", "8"], "error: --precompute_only")):
         p = run(os.path.join(ROOT, "distill.py"), *tiny, *bad, "--out_dir", "x", cwd=tmp_path)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr[-2000:]
-        assert lines[0].startswith("error: --method tcs --teacher lab-oracle from scratch needs --data lab")
+        assert lines[0].startswith(says), lines[0]

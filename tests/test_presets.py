@@ -1,26 +1,30 @@
-"""tinydiff/presets.py: --preset sets defaults (printed), explicit flags win; costs from the FLOP count."""
-import argparse
+"""tinydiff/presets.py (applied by tinydiff/run.py parse): --preset sets defaults (printed), explicit flags win;
+costs from the FLOP count."""
 import re
 from pathlib import Path
 
 import pytest
 
-from tinydiff.loop import add_run_args
-from tinydiff.presets import COST_ASSUMPTION, PRESETS, apply_preset, preset_cost
+from tinydiff.presets import COST_ASSUMPTION, PRESETS, preset_cost
+from tinydiff.run import ArgumentParser, add_train_args, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_like_parser():
     """train.py's flags: its own block plus the shared run flags."""
-    p = argparse.ArgumentParser(prog="train.py")
+    p = ArgumentParser(prog="train.py")
     p.add_argument("--model", default="mdlm", choices=["mdlm", "ar"])
     for flag, default in (("--n_layer", 4), ("--n_head", 4), ("--n_embd", 128)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--dropout", type=float, default=0.0)
-    add_run_args(p)
-    p.set_defaults(seq_len=256, max_iters=500, batch_size=16, lr=2e-3, warmup=50)
+    add_train_args(p, seq_len=256, max_iters=500, batch_size=16, lr=2e-3, warmup=50, ema=0.999, eval_interval=250,
+                   eval_tokens=32768, ckpt_interval=500)
     return p
+
+
+def apply_preset(parser, argv, follow=None):
+    return parse(parser, argv, follow)[0]
 
 
 def test_preset_sets_defaults_and_flags_win(capsys):
@@ -51,7 +55,7 @@ def test_wrong_or_unknown_preset_is_refused(capsys):
 
 
 def test_defaults_that_follow_other_flags():
-    """apply_preset(follow=): defaults computed from other flags (given or a preset's); a preset's own value and a
+    """parse(method_defaults=): defaults computed from other flags (given or a preset's); a preset's own value and a
     given flag win over them."""
     def follow(a):
         return {"eval_interval": 10 * a.max_iters, "warmup": a.max_iters}
@@ -65,8 +69,8 @@ def test_defaults_that_follow_other_flags():
 
 def script_flags(script):
     """The --flags a script defines (its own add_argument calls, plus the shared run flags)."""
-    text = (ROOT / script).read_text() + (ROOT / "tinydiff" / "loop.py").read_text()
-    return set(re.findall(r'add_argument\("--(\w+)"', text))
+    text = (ROOT / script).read_text() + (ROOT / "tinydiff" / "run.py").read_text()
+    return set(re.findall(r'(?:add_argument|a)\("--(\w+)"', text))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

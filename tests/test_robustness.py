@@ -17,9 +17,9 @@ import textwrap
 import pytest
 import torch
 
-from tinydiff import checks
-from tinydiff.common import UserError, emit
-from tinydiff.loop import RESUMABLE, StopSignals
+from tinydiff import run as cli
+from tinydiff.common import StopSignals, UserError, emit
+from tinydiff.run import RESUMABLE
 from tinydiff.outdir import claim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,24 +164,24 @@ def test_a_bad_flag_in_a_real_process(tmp_path):
 
 
 def test_rules_and_flag_detection():
-    assert checks.Rule(0, 1, lo_open=True).says() == "must be in (0, 1]"
+    assert cli.Rule(0, 1, lo_open=True).says() == "must be in (0, 1]"
     with pytest.raises(UserError, match=r"--steps 8,32,0: must be at least 1"):
-        checks.check("steps", [8, 32, 0])
-    checks.check("steps", None)  # None = "the checkpoint's": not checked
-    p = checks.ArgumentParser(prog="x.py")
+        cli.check("steps", [8, 32, 0])
+    cli.check("steps", None)  # None = "the checkpoint's": not checked
+    p = cli.ArgumentParser(prog="x.py")
     p.add_argument("--max_iters", type=int, default=5)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(lr=2.0)  # a script's or a preset's default is not "given"
-    assert checks.given_flags(p, ["--max", "7", "--resume"]) == {"max_iters", "resume"}  # argparse's prefixes
-    assert checks.given_flags(p, []) == set() and p.parse_args([]).lr == 2.0 and p.parse_args([]).max_iters == 5
+    assert cli.given_flags(p, ["--max", "7", "--resume"]) == {"max_iters", "resume"}  # argparse's prefixes
+    assert cli.given_flags(p, []) == set() and p.parse_args([]).lr == 2.0 and p.parse_args([]).max_iters == 5
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
     def interrupted():
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as e:
-        checks.run_main(interrupted)
+        cli.run_main(interrupted)
     assert e.value.code == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and "interrupted" in err

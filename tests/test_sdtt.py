@@ -212,7 +212,10 @@ def test_distillation_moves_the_fast_sampler_toward_the_slow_one(toy, oracle):
     for it in range(iters):
         for group in opt.param_groups:
             group["lr"] = 0.05 * (1 - it / iters)  # decay to 0: the last iterate sits near the optimum
-        loss, _, _ = sdtt_loss(student, oracle, toy.sample(256, g), K, 2, m, SCHED, g, "kl_bwd")
+        x = toy.sample(256, g)
+        t = sample_times(len(x), g)
+        z = forward_mask(x, t, SCHED, m, g)  # noised data, as distill.py draws it
+        loss = sdtt_loss(student, oracle, z, t, K, 2, m, SCHED, g, "kl_bwd")
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -3,7 +3,6 @@
 The oracle AR teacher of a Toy gives the exact chain rule, so p(x_i = v | x_{!=i}) by enumeration
 (OracleAR.full_conditional) is the ground truth every estimator is compared with.
 """
-import argparse
 import itertools
 from types import SimpleNamespace
 
@@ -15,12 +14,11 @@ import torch.nn as nn
 from harness import OracleAR, OracleDenoiser, Toy, ar_toy, exact_nelbo
 from tinydiff.common import UserError, save_checkpoint
 from tinydiff.data import BPETokenizer
-from tinydiff.diffusion import LogLinearSchedule, nelbo_loss, nelbo_terms
-from tinydiff.loop import Noise
+from tinydiff.diffusion import LogLinearSchedule, forward_mask, nelbo_loss, nelbo_terms, sample_times
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.tcs import (add_tcs_args, build_tcs, check_tokenizers, dense_targets, grad_suffix, rescore, tail_sample,
+from tinydiff.tcs import (check_tokenizers, load_teacher, dense_targets, grad_suffix, rescore, tail_sample,
                           tail_uniforms, tcs_loss, tcs_targets, tcs_terms, to_dense)
-from tinydiff.tcs_cache import TargetCache, grid_batch
+from tinydiff.tcs_cache import TargetCache, grid_batch, target_store
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,9 +188,12 @@ def test_onehot_targets_give_the_mdlm_loss(toy):
     student = Transformer(cfg)
     x = toy.sample(64, torch.Generator().manual_seed(1))
     ids, logp = x[..., None], torch.zeros(*x.shape, 1)  # pi = onehot(x)
-    ref, t, z = nelbo_loss(student, x, LogLinearSchedule(), toy.mask_id, torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    t = sample_times(len(x), gen)
+    z = forward_mask(x, t, LogLinearSchedule(), toy.mask_id, gen)
+    ref = nelbo_loss(student, x, z, t, LogLinearSchedule(), toy.mask_id)
     for lam in (0.0, 0.3, 1.0):
-        loss, logs = tcs_loss(student, x, ids, logp, toy.mask_id, lam, torch.Generator().manual_seed(2))
+        loss, logs = tcs_loss(student, x, z, t, ids, logp, toy.mask_id, lam)
         assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(logs["nelbo"], ref, atol=1e-6)
         assert torch.allclose(logs["tcs"], ref, atol=1e-6)
     # and per position, with the same t and z
@@ -498,17 +499,6 @@ def _tiny_ar_ckpt(path, tok="bytes", vocab=257, seq_len=16):
                      "tokenizer": {"name": tok, "vocab_size": vocab, "eot_id": vocab - 1}}, path)
 
 
-def _args(teacher, **kw):
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokenizer", default="bytes")
-    p.add_argument("--teacher")  # distill.py's
-    add_tcs_args(p)
-    args = p.parse_args(["--teacher", str(teacher)])
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
-
-
 def test_mismatched_tokenizer_is_refused(tmp_path):
     with pytest.raises(UserError, match="tokenizer mismatch.*gpt2.*bytes"):
         check_tokenizers({"name": "gpt2", "vocab_size": 50257}, "bytes", 258)
@@ -519,33 +509,32 @@ def test_mismatched_tokenizer_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"tokenizer mismatch.*{a.key}.*{b.key}"):
         check_tokenizers(a.spec(), b.spec(), 263)
     _tiny_ar_ckpt(tmp_path / "ar.pt", tok="gpt2", vocab=50257)
-    student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
     with pytest.raises(UserError, match="tokenizer mismatch"):
-        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", tmp_path, 16)
+        load_teacher(tmp_path / "ar.pt", "bytes", 258, 16, "cpu")
 
 
-def test_build_tcs_end_to_end(tmp_path):
+def test_teacher_targets_end_to_end(tmp_path):
+    """distill.py's TCS path: the teacher loaded and checked, its targets served by the in-memory store once per
+    window, the loss mixing the NELBO and the TCS term."""
     _tiny_ar_ckpt(tmp_path / "ar.pt")
     torch.manual_seed(0)
     student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
     with pytest.raises(UserError, match="longer than the teacher's context"):
-        build_tcs(_args(tmp_path / "ar.pt"), student, "cpu", tmp_path, 32)
-    x = torch.randint(256, (4, 16))
+        load_teacher(tmp_path / "ar.pt", "bytes", 258, 32, "cpu")
+    teacher, ckpt = load_teacher(tmp_path / "ar.pt", "bytes", 258, 16, "cpu")
     data = tmp_path / "data"
     data.mkdir()
     np.arange(1000, dtype=np.uint16).tofile(data / "train.bin")
     for est in ("exact", "prefix", "grad", "topk"):
-        loss_fn, get_batch, on_step, meta = build_tcs(_args(tmp_path / "ar.pt", estimator=est, topk=4, tcs_lambda=0.5),
-                                                    student, "cpu", data, 16)
-        loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(0)))
+        store, chunks = target_store(lambda x: tcs_targets(teacher, x, 256, est, 4), data, 16, settings={"est": est})
+        assert chunks is None and isinstance(store, TargetCache)  # no fixed set: the windows met, in memory
+        x = grid_batch(data, "train", 4, 16, torch.Generator().manual_seed(0))  # chunk-aligned: targets reused
+        ids, logp = store(x)
+        gen = torch.Generator().manual_seed(0)
+        t = sample_times(len(x), gen)
+        loss, logs = tcs_loss(student, x, forward_mask(x, t, LogLinearSchedule(), 257, gen), t, ids, logp, 257, 0.5)
         loss.backward()
         assert torch.isfinite(loss) and set(logs) == {"nelbo", "tcs"}
         assert torch.isclose(loss, 0.5 * logs["nelbo"] + 0.5 * logs["tcs"])
-        assert meta["tcs"]["estimator"] == est and on_step(1, None)["misses"] == 4
-        batch = get_batch(8, torch.Generator().manual_seed(0), "cpu")  # chunk-aligned: the grid's windows
-        assert torch.equal(batch, grid_batch(data, "train", 8, 16, torch.Generator().manual_seed(0)))
-    # lam = 0 is exactly train.py's MDLM loss on the same generator
-    loss_fn, _, _, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0), student, "cpu", data, 16)
-    loss, _ = loss_fn(student, x, Noise(torch.Generator().manual_seed(5)))
-    ref = nelbo_loss(student, x, LogLinearSchedule(), 257, torch.Generator().manual_seed(5))[0]
-    assert torch.equal(loss, ref)
+        store(x)
+        assert store.stats()["misses"] == 4 and store.stats()["hits"] == 4

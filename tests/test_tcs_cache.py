@@ -1,7 +1,6 @@
 """TCS targets on disk (tinydiff/tcs_cache.py): written once, read back equal, resumed after an
 interruption, keyed by teacher/settings/windows, bad shards recomputed; and distill.py's fixed windows
 and --precompute_only end to end."""
-import argparse
 import json
 import os
 import subprocess
@@ -12,11 +11,10 @@ import pytest
 import torch
 
 from harness import OracleAR, Toy
-from tinydiff.common import save_checkpoint
-from tinydiff.loop import Noise
+from tinydiff.common import model_from_checkpoint, save_checkpoint
 from tinydiff.model import ModelConfig, Transformer
-from tinydiff.tcs import add_tcs_args, build_tcs, tcs_targets
-from tinydiff.tcs_cache import DiskTargets, fixed_chunks, grid_batch, tensor_hash
+from tinydiff.tcs import tcs_targets
+from tinydiff.tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, target_store, tensor_hash
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,42 +157,33 @@ def _setup(tmp_path):
     return data
 
 
-def _args(teacher, **kw):
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokenizer", default="bytes")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--teacher")  # distill.py's
-    add_tcs_args(p)
-    args = p.parse_args(["--teacher", str(teacher)])
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
-
-
-def test_build_tcs_with_fixed_windows(tmp_path):
+def test_target_store_with_fixed_windows(tmp_path):
+    """distill.py --tcs_windows: draws only from the fixed chunks, whose targets are precomputed to disk once and
+    reused by another run with the same teacher and settings (another lambda); 'none' keeps them in memory."""
     data = _setup(tmp_path)
-    student = Transformer(ModelConfig(vocab_size=258, n_layer=1, n_head=2, n_embd=16, seq_len=16))
-    kw = dict(tcs_windows=10, topk=3, tcs_cache_dir=str(tmp_path / "targets"))
-    loss_fn, get_batch, on_step, meta = build_tcs(_args(tmp_path / "ar.pt", **kw), student, "cpu", str(data), 16)
-    assert on_step(1, None)["computed"] == 10 and meta["tcs"]["targets_dir"].startswith(str(tmp_path))
-    x = get_batch(8, torch.Generator().manual_seed(0), "cpu")  # (8, 16)
+    teacher = model_from_checkpoint(torch.load(tmp_path / "ar.pt", weights_only=False))
+    calls = []
+
+    def compute(x):
+        calls.append(len(x))
+        return tcs_targets(teacher, x, 256, "topk", 3)
+    settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "topk": 3}
+    store, chunks = target_store(compute, data, 16, 10, tmp_path / "targets", batch_size=4, settings=settings)
+    assert store.stats()["computed"] == 10 and str(store.dir).startswith(str(tmp_path / "targets"))
+    x = grid_batch(data, "train", 8, 16, torch.Generator().manual_seed(0), chunks=chunks)  # (8, 16)
     grid = torch.from_numpy(np.fromfile(data / "train.bin", dtype=np.uint16).astype(np.int64)).view(-1, 16)
     fixed = grid[fixed_chunks(data, 16, 10)]  # (10, 16)
     assert (x[:, None, :] == fixed[None]).all(-1).any(1).all()  # every window is one of the fixed ones
-    loss, logs = loss_fn(student, x, Noise(torch.Generator().manual_seed(0)))
-    assert torch.isfinite(loss) and on_step(2, None)["hits"] == 8
-    # another lambda reuses the same targets; lambda = 0 needs none
-    _, _, on_step, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.5, **kw), student, "cpu", str(data), 16)
-    assert on_step(1, None)["computed"] == 0
-    _, _, on_step, _ = build_tcs(_args(tmp_path / "ar.pt", tcs_lambda=0.0, **kw), student, "cpu", str(data), 16)
-    assert on_step(1, None) is None
-    # the default folder is DATA_DIR/tcs_targets; --tcs_cache_dir none keeps them in memory only
-    _, _, on_step, meta = build_tcs(_args(tmp_path / "ar.pt", tcs_windows=10, topk=3), student, "cpu", str(data), 16)
-    assert meta["tcs"]["targets_dir"].startswith(str(data / "tcs_targets")) and len(list((data / "tcs_targets").iterdir()))
-    _, _, on_step, meta = build_tcs(_args(tmp_path / "ar.pt", tcs_windows=10, topk=4, tcs_cache_dir="none"), student, "cpu",
-                               str(data), 16)
-    assert meta["tcs"]["targets_dir"] is None and "computed" not in on_step(1, None)
-    assert len(list((data / "tcs_targets").iterdir())) == 1
+    n = len(calls)
+    store(x)
+    assert store.stats()["hits"] == 8 and len(calls) == n  # served from the set, no teacher work
+    again, _ = target_store(compute, data, 16, 10, tmp_path / "targets", batch_size=4, settings=settings)
+    assert again.stats()["computed"] == 0 and again.dir == store.dir  # another run (lambda, seed): reused
+    # the default folder is DATA_DIR/tcs_targets; 'none' keeps them in memory only (what is met)
+    default, _ = target_store(compute, data, 16, 10, None, batch_size=4, settings=settings)
+    assert str(default.dir).startswith(str(data / "tcs_targets"))
+    memory, _ = target_store(compute, data, 16, 10, "none", batch_size=4, settings=settings)
+    assert isinstance(memory, TargetCache) and len(list((data / "tcs_targets").iterdir())) == 1
 
 
 def test_distill_precompute_only(tmp_path):

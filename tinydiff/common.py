@@ -1,21 +1,25 @@
-"""Shared plumbing: device/dtype/compile policy, JSON output, seeding, atomic checkpoints, loading them.
+"""What every script calls: the device/dtype/compile policy, the JSON last line, atomic checkpoints and
+loading them, and the pieces of a training loop (AdamW, the learning-rate schedule, EMA, the run's state
+for exact resume, stop signals). Plain functions of tensors, models and values: no argparse.
 
 The policy is decided once here and printed with its reason (docs/design.md, "One policy for device,
-dtype and compile"):
-cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu -> fp32, compile when
-asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
+dtype and compile"): cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu ->
+fp32, compile when asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
 """
 import contextlib
+import copy
 import ctypes
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
 
-from .dist import active, init
+from . import dist
 from .errors import DataError, UserError, die  # noqa: F401  (DataError, die: re-exported, the scripts' import point)
 from .hub import is_pretrained, load_pretrained
 from .model import ModelConfig, Transformer
@@ -96,19 +100,19 @@ def reuse_freed_memory(mib=512):
         pass
 
 
-def setup_runtime(args):
+def setup_runtime(device="auto", dtype="auto", compile="auto"):
     """Apply the policy for --device/--dtype/--compile, print it, return (device, dtype, compile, autocast).
     Launched by torchrun, the process also joins the DDP process group here (before any CUDA work)."""
-    device, why_d = pick_device(args.device)
-    dtype, why_t = pick_dtype(args.dtype, device)
-    use_compile, why_c = pick_compile(args.compile, device)
-    world = init(device)[1]  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
+    device, why_d = pick_device(device)
+    dtype, why_t = pick_dtype(dtype, device)
+    use_compile, why_c = pick_compile(compile, device)
+    world = dist.init(device)[1]  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
     if device == "cpu":
         reuse_freed_memory()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    ddp = f" | DDP over {world} processes ({'nccl' if device == 'cuda' else 'gloo'})" if active() else ""
+    ddp = f" | DDP over {world} processes ({'nccl' if device == 'cuda' else 'gloo'})" if dist.active() else ""
     print(f"device {device} ({why_d}) | dtype {dtype} ({why_t}) | compile {use_compile} ({why_c}) | torch {torch.__version__}{ddp}")
     return device, dtype, use_compile, autocast_ctx(device, dtype)
 
@@ -251,3 +255,133 @@ def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
         raise UserError(f"the checkpoint's weights do not match its config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]}): it is damaged or not a tinydiff checkpoint") from None
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- the pieces of a training loop
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW (betas 0.9/0.999 as MDLM); decay only matrices; fused kernel on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=(device == "cuda"))
+
+
+def lr_at(it, lr, warmup, max_iters, schedule="constant", min_lr=0.0):
+    """Linear warm-up to lr over `warmup` steps, then constant (MDLM, SDTT) or cosine decay to min_lr."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (it - warmup) / max(1, max_iters - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in a second model so it can be evaluated as is.
+    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
+    by the random initialisation. The update is one fused foreach op: no host sync."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+
+    def state_dict(self):
+        return {"decay": self.decay, "updates": self.updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, sd):
+        self.decay, self.updates = sd["decay"], sd["updates"]
+        self.model.load_state_dict(sd["model"])
+
+
+def generators(seed, device):
+    """The run's random streams: "data" (CPU: the same windows on any device) and "noise" (t, masks, teacher
+    steps: on the training device). Saved in every checkpoint, so --resume continues them exactly."""
+    return {"data": torch.Generator().manual_seed(seed), "noise": torch.Generator(device=device).manual_seed(seed + 1)}
+
+
+def run_state(meta, model, opt, ema, gens, it, history):
+    """A training run's checkpoint: its description (meta: config, kind, tokenizer, schedule, args, ...: what makes
+    it self-describing) and everything --resume needs (weights, EMA, optimizer, step, eval history, RNG states)."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+           **{name: g.get_state() for name, g in gens.items()}}
+    return {**meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+            "optimizer": opt.state_dict(), "iter": it, "rng": rng, "history": history,
+            "world_size": dist.rank_world()[1]}
+
+
+def restore_run(ckpt, model, opt, ema, gens):
+    """Load run_state's checkpoint into the run's objects; returns (iter, history)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ema is not None and ckpt.get("ema"):
+        ema.load_state_dict(ckpt["ema"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"].get("cuda") is not None and torch.cuda.is_available():
+        for i, s in enumerate(ckpt["rng"]["cuda"][:torch.cuda.device_count()]):  # saved on a machine with more GPUs
+            torch.cuda.set_rng_state(s, i)
+    for name, g in gens.items():
+        g.set_state(ckpt["rng"][name])
+    world = dist.rank_world()[1]
+    print(f"resumed from iter {ckpt['iter']}")
+    if ckpt.get("world_size", 1) != world:
+        print(f"note: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has {world}: "
+              f"the global batch changes unless --batch_size or --grad_accum make up for it")
+    return ckpt["iter"], ckpt.get("history", [])
+
+
+def save_run(state, path, intact=None):
+    """Write a run's checkpoint (rank 0 only under DDP). A failed write (disk full, permissions) is one UserError
+    that names what is intact: `intact` = (the last good ckpt.pt, its iter), or None when none was written."""
+    if dist.rank_world()[0] != 0:
+        return
+    try:
+        save_checkpoint(state, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        print(file=sys.stderr)  # end the progress line: the error starts on a line of its own
+        ok = (f"{intact[0]} (iter {intact[1]}) is intact: free space or fix the folder, then continue with the same "
+              f"command plus --resume" if intact else "no checkpoint of this run was written")
+        raise UserError(f"could not write {path} at iter {state['iter']} ({write_error(e, path)}); {ok}") from None
+
+
+PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
+STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", PREEMPTED), signal.SIGINT: ("Ctrl-C", 130)}
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and Ctrl-C only ask the loop to stop after the current step, which it
+    does after writing ckpt.pt (then exit status 143 / 130: `stop`); a second Ctrl-C aborts at once
+    (KeyboardInterrupt: a save in progress is abandoned and its temp file removed, the last checkpoint stays)."""
+
+    def __init__(self):
+        self.got = []
+        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+
+    def handle(self, signum, frame=None):
+        if signum == signal.SIGINT and signal.SIGINT in self.got:
+            self.restore()
+            raise KeyboardInterrupt
+        self.got.append(signum)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self):
+        """True on every rank once any rank got a signal (a CPU all-reduce under DDP: no GPU sync)."""
+        return dist.agree(bool(self.got))
+
+    def stop(self, it, max_iters, out_dir):
+        """After the checkpoint of step `it` is written: one line saying how to continue, and the exit status."""
+        dist.barrier()  # rank 0 has written ckpt.pt
+        name, status = STOP_SIGNALS[(self.got or [signal.SIGTERM])[0]]
+        if dist.rank_world()[0] == 0:
+            print(f"\n{name}: stopped after iter {it}/{max_iters} and wrote {out_dir}/ckpt.pt; continue with the "
+                  f"same command plus --resume (exit status {status})", file=sys.stderr, flush=True)
+        sys.exit(status)

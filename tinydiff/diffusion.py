@@ -82,30 +82,27 @@ def get_schedule(spec=None):
     return SCHEDULES[spec["name"]](**params)
 
 
-# Data parallelism (loop.train under torchrun, world processes): each rank holds rows rank, rank + world, ... of
-# the global batch (world x B rows), and draws t and the masks with rank and world given: from a generator in
-# the same state on every rank, for the whole global batch, keeping its own rows. So the ranks together draw
-# exactly the t and masks of one process with batch world x B, and each rank's t still spans [0, 1) evenly.
-# One process: rank 0 of 1, the plain draw.
+# Three small numbers, each with its own job (MDLM, Sahoo et al. 2024):
+# - a schedule's eps: alpha_1 = eps, not 0 (LogLinearSchedule(eps=1e-3)): the bound's O(eps) slack (above);
+# - T_MIN: training and the held-out bound draw t from [T_MIN, 1] (w(t) = 1/t is unbounded at 0);
+# - T_END: samplers step down the grid 1 = t_0 > ... > t_K = T_END (tinydiff/sampling.py, tinydiff/sdtt.py).
+T_MIN = 1e-3
+T_END = 1e-5
 
-def sample_times(batch_size, generator=None, device="cpu", eps_t=1e-3, rank=0, world=1):
+
+def sample_times(batch_size, generator=None, device="cpu", eps_t=T_MIN):
     """Stratified (antithetic) t over the batch: t_b = ((u + b/B) mod 1)(1 - eps_t) + eps_t, one u.
-    Lower variance than i.i.d. t (MDLM, 'low-discrepancy sampler'). rank, world: this process's rows
-    b = rank, rank + world, ... of a global batch of B = world x batch_size (above)."""
-    rows = torch.arange(batch_size, device=device) * world + rank  # (B,) this rank's rows of the global batch
+    Lower variance than i.i.d. t (MDLM, 'low-discrepancy sampler'). (B,)"""
     u = torch.rand(1, generator=generator, device=device)  # (1,)
-    offsets = rows / (batch_size * world)  # (B,)
+    offsets = torch.arange(batch_size, device=device) / batch_size  # (B,)
     return ((u + offsets) % 1) * (1 - eps_t) + eps_t  # (B,)
 
 
-def forward_mask(x, t, schedule, mask_id, generator=None, rank=0, world=1):
-    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t.
-    rank, world: x holds rows rank, rank + world, ... of the global batch; the uniforms are drawn for all
-    world x B rows and this rank keeps its own (above)."""
+def forward_mask(x, t, schedule, mask_id, generator=None):
+    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t (MDLM eq. 2)."""
     p_mask = (1 - schedule.alpha(t))[:, None]  # (B, 1)
-    u = torch.rand((x.shape[0] * world, *x.shape[1:]), generator=generator, device=x.device)[rank::world]  # (B, L)
-    move = u < p_mask  # (B, L)
-    return torch.where(move, torch.full_like(x, mask_id), x)
+    u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+    return torch.where(u < p_mask, torch.full_like(x, mask_id), x)
 
 
 def masked_log_probs(logits, mask_id):
@@ -132,29 +129,26 @@ def nelbo_terms(logits, x, z, t, schedule, mask_id):
     return torch.where(z == mask_id, schedule.weight(t)[:, None] * nll, torch.zeros_like(nll))
 
 
-def nelbo_loss(model, x, schedule, mask_id, generator=None, eps_t=1e-3, rank=0, world=1, masked_only=False):
-    """Continuous-time MDLM loss on a clean batch x (B, L): draw stratified t, mask, denoise.
-    Returns (loss per token, t, z). The loss is an unbiased estimate of the per-token NELBO, which
-    bounds the NLL up to O(eps) (module docstring). rank, world: DDP (sample_times).
+def nelbo_loss(model, x, z, t, schedule, mask_id, masked_only=False):
+    """The MDLM training loss of a clean batch x (B, L) noised to z (B, L) at times t (B,) (sample_times, then
+    forward_mask): the sum of nelbo_terms over the batch divided by B*L, an unbiased estimate of the per-token
+    NELBO, which bounds the NLL up to O(eps) (module docstring).
 
-    masked_only: ask the model for logits at the masked positions only (Transformer's `select`): the
-    NELBO integrand is zero at clean positions (eq. 10), so the loss and its gradient are the same while
-    the output head and the softmax run on ~half the positions. Its shapes depend on the draw: use it in
-    eager mode on the CPU (train.py does), not under torch.compile or where boolean indexing syncs (CUDA)."""
-    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
+    masked_only: the same loss and gradient with the network's output head run at the masked positions only
+    (Transformer's `select`): the integrand is zero at clean positions (eq. 10), and with a 4096-id head the
+    logits of the other ~half are most of a small model's step. Its shapes depend on the draw: eager CPU only
+    (train.py uses it there), not under torch.compile or where boolean indexing syncs (CUDA)."""
     if not masked_only:
-        terms = nelbo_terms(model(z), x, z, t, schedule, mask_id)  # (B, L)
-        return terms.sum() / x.numel(), t, z
+        return nelbo_terms(model(z), x, z, t, schedule, mask_id).sum() / x.numel()
     masked = z == mask_id  # (B, L)
     logp = masked_log_probs(model(z, select=masked), mask_id)  # (N, V), N = masked positions
     nll = -logp.gather(-1, x[masked][:, None]).squeeze(-1)  # (N,)
     w = schedule.weight(t)[:, None].expand_as(x)[masked]  # (N,) the weight of each one's row
-    return (w * nll).sum() / x.numel(), t, z
+    return (w * nll).sum() / x.numel()
 
 
 @torch.no_grad()
-def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
+def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=T_MIN, autocast=None):
     """Per-token NELBO (nats) of each held-out window of val_x (N, L), float64 (N,): the mean over n_draws
     t draws of the window's integrand (Sahoo et al. 2024, eq. 10), an unbiased estimate of its bound.
 
@@ -185,7 +179,7 @@ def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_
     return sums.view(n, n_draws).mean(1) / L  # (N,)
 
 
-def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=1e-3, autocast=None):
+def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32, eps_t=T_MIN, autocast=None):
     """Per-token NELBO (nats) of held-out windows val_x (N, L): the mean of val_bound_windows, so every
     model is scored on the same tokens and noise, whatever the batch size. exp(bound) upper-bounds the
     diffusion model's perplexity up to O(eps) (alpha_1 = eps and the dropped prior term: module docstring)."""

@@ -65,6 +65,11 @@ def agree(flag):
     return bool(t.item())
 
 
+def no_sync(net, skip):
+    """DDP's no_sync() when skip (a micro-batch that is not the step's last: no gradient all-reduce), else nothing."""
+    return net.no_sync() if skip and active() else contextlib.nullcontext()
+
+
 def mean(t):
     """Mean over the ranks of a tensor on the training device (the tensor itself in a single process)."""
     if not active():

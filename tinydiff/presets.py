@@ -1,5 +1,5 @@
 """Named recipes from the papers. `--preset NAME` makes a preset's values the script's defaults (printed
-when applied); any flag given on the command line still overrides them.
+when applied; tinydiff/run.py parse); any flag given on the command line still overrides them.
 
     python train.py --preset mdlm-owt-small                      # MDLM small on OpenWebText, the paper's recipe
     python train.py --preset mdlm-owt-small --max_iters 100000   # the same recipe, shorter
@@ -18,8 +18,6 @@ two presets use. SDTT (Deschenaux & Gulcehre 2025)
 section 4: 7 rounds x 10k steps, batch 128, lr 6e-5, 500 warm-up, teacher 1024 steps, EMA 0.9999.
 The global batch is micro-batch x accumulation; sizes are set for one 80 GB GPU.
 """
-import sys
-
 import torch
 
 _OWT = dict(data="owt", tokenizer="gpt2", seq_len=1024, dtype="bfloat16", weight_decay=0.0, grad_clip=1.0,
@@ -53,39 +51,6 @@ PRESETS = {
 H100_BF16_PEAK = 989e12
 MFU = 0.40
 COST_ASSUMPTION = f"one H100 SXM at {MFU:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s dense bf16 peak"
-
-
-def apply_preset(parser, argv=None, follow=None):
-    """Add --preset to `parser`, and parse argv (default sys.argv[1:]) with the named preset's values as
-    defaults: parse once for --preset, set_defaults, parse again, so flags given explicitly still win
-    (and --help shows the preset's values). Returns the parsed arguments; prints the preset when one is applied.
-    follow(known) -> {dest: default}: defaults that follow other flags' values (distill.py's per --method),
-    read after the preset is applied; the preset's own values and given flags still win over them."""
-    parser.add_argument("--preset", default=None,
-                        help=f"a paper recipe that sets the defaults (explicit flags still win): {', '.join(PRESETS)}")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    known, _ = parser.parse_known_args(without_help(argv))
-    values = {}
-    if known.preset is not None:
-        if known.preset not in PRESETS:
-            parser.error(f"unknown --preset {known.preset!r}: choose one of {', '.join(PRESETS)}")
-        values = {k: v for k, v in PRESETS[known.preset].items() if k != "script"}
-        missing = sorted(k for k in values if k not in vars(known))
-        if missing:
-            parser.error(f"--preset {known.preset} is for {PRESETS[known.preset]['script']} "
-                         f"(this script has no --{', --'.join(missing)})")
-        parser.set_defaults(**values)
-        print(f"preset {known.preset}: " + " ".join(f"--{k} {v}" for k, v in values.items()), flush=True)
-    if follow is not None:
-        known, _ = parser.parse_known_args(without_help(argv))
-        parser.set_defaults(**{k: v for k, v in follow(known).items() if k not in values})
-    return parser.parse_args(argv)
-
-
-def without_help(argv):
-    """argv less -h/--help: a first parse that reads a few flags must not print the help before the defaults
-    it leads to are set (the final parse prints it)."""
-    return [a for a in argv if a not in ("-h", "--help")]
 
 
 def preset_model(name):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .diffusion import get_schedule
+from .diffusion import T_END, get_schedule
 from .errors import UserError
 
 
@@ -68,7 +68,7 @@ def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top
 
 @torch.no_grad()
 def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, schedule=None, generator=None,
-                     device="cpu", temperature=1.0, top_k=0, top_p=1.0, eps=1e-5, cache=True):
+                     device="cpu", temperature=1.0, top_k=0, top_p=1.0, eps=T_END, cache=True):
     """Ancestral sampling of a masked diffusion LM over the grid t_0 = 1 > ... > t_K = eps.
 
     At each step every still-masked position is revealed with probability
@@ -251,7 +251,7 @@ def greedy_fill(x, logits, model, mask_id):
 
 @register("ancestral")
 def ancestral(model, x, steps, mask_id, generator=None, *, temperature=1.0, top_k=0, top_p=1.0, schedule=None,
-              eps=1e-5):
+              eps=T_END):
     """MDLM's ancestral sampler (Sahoo et al. 2024, eq. 7; Austin et al. 2021): tinydiff.sampling's
     diffusion_sample, unchanged (the same draws for the same seed).
 
@@ -270,7 +270,7 @@ def ancestral(model, x, steps, mask_id, generator=None, *, temperature=1.0, top_
 @register("confidence", gumbel=Knob(0.0, float, "confidence: Gumbel noise scale on log-confidence, annealed "
                                                 "to 0 (MaskGIT's choice temperature, 4.5 there); 0 = greedy order"))
 def confidence(model, x, steps, mask_id, generator=None, *, gumbel=0.0, temperature=1.0, top_k=0, top_p=1.0,
-               schedule=None, eps=1e-5):
+               schedule=None, eps=T_END):
     """Confidence-ordered unmasking: MaskGIT (Chang et al. 2022) / LLaDA's low-confidence remasking
     (Nie et al. 2025). Each step draws a token at EVERY masked position from the denoiser (knobs
     applied) and reveals the k with the highest confidence log p_theta(token | z_t) (+ gumbel x
@@ -310,7 +310,7 @@ def confidence(model, x, steps, mask_id, generator=None, *, gumbel=0.0, temperat
 @register("threshold", tau=Knob(0.9, float, "threshold: reveal every masked position whose confidence "
                                             "p_theta(token) >= tau, at least one per row and step"))
 def threshold(model, x, steps, mask_id, generator=None, *, tau=0.9, temperature=1.0, top_k=0, top_p=1.0,
-              schedule=None, eps=1e-5):
+              schedule=None, eps=T_END):
     """Threshold-parallel unmasking: Fast-dLLM's confidence-aware parallel decoding (Wu et al. 2025).
     Each step draws a token at every masked position (knobs applied) and reveals those whose
     confidence p_theta(token | z_t) >= tau, and always the most confident one of each row, so the
@@ -380,7 +380,7 @@ def remdm_plan(steps, schedule, eps, remask, eta, t_on, t_off, alpha_on):
           t_off=Knob(0.05, float, "remdm loop: time the loop phase ends"),
           alpha_on=Knob(0.9, float, "remdm loop: alpha held during the loop phase"))
 def remdm(model, x, steps, mask_id, generator=None, *, remask="cap", eta=0.02, t_on=0.55, t_off=0.05, alpha_on=0.9,
-          temperature=1.0, top_k=0, top_p=1.0, schedule=None, eps=1e-5):
+          temperature=1.0, top_k=0, top_p=1.0, schedule=None, eps=T_END):
     """ReMDM remasking (Wang et al. 2025, "Remasking Discrete Diffusion Models with Inference-Time
     Scaling"): a predictor-corrector that may re-mask revealed (never clamped) tokens, so later steps
     re-predict them with more context. Per step: the same float64 uniform per position as the
@@ -508,7 +508,7 @@ def resolve(name, knobs):
     return k
 
 
-def sample(name, model, init, steps, mask_id, generator=None, context=None, device=None, schedule=None, eps=1e-5,
+def sample(name, model, init, steps, mask_id, generator=None, context=None, device=None, schedule=None, eps=T_END,
            **knobs):
     """Run sampler `name`: (tokens (B, L), nfe). The one entry point for scripts and experiments."""
     knobs = resolve(name, knobs)
@@ -526,27 +526,3 @@ def sample(name, model, init, steps, mask_id, generator=None, context=None, devi
 def describe(name, knobs):
     """One line naming the sampler and every knob it ran with, printed beside every number."""
     return f"{name}(" + ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "context") + ")"
-
-
-def add_sampler_args(parser, choose=True):
-    """--sampler NAME (when choose) and every registered knob as a flag (one namespace: a knob name
-    means the same thing for every sampler that takes it)."""
-    if choose:
-        parser.add_argument("--sampler", default="ancestral", choices=list(SAMPLERS),
-                            help="diffusion sampler (docs/samplers.md): " + ", ".join(SAMPLERS))
-    seen = dict(COMMON)
-    for s in SAMPLERS.values():
-        seen.update(s.knobs)
-    for k, knob in seen.items():
-        parser.add_argument(f"--{k}", type=knob.type, default=knob.default, choices=knob.choices,
-                            help=f"{knob.help} (default {knob.default})")
-
-
-def sampler_flags():
-    """The names of every knob flag add_sampler_args defines."""
-    return tuple(dict.fromkeys([*COMMON, *(k for s in SAMPLERS.values() for k in s.knobs)]))
-
-
-def knobs_from_args(name, args):
-    """The resolved knobs of sampler `name` from parsed flags (add_sampler_args)."""
-    return resolve(name, {k: getattr(args, k) for k in knobs_of(name, getattr(args, "inner", None))})

@@ -12,14 +12,14 @@ which looks like a typo of the above; we do not reproduce it.
 """
 import torch
 
-from .diffusion import forward_mask, masked_log_probs, sample_times, subs_log_probs
+from .diffusion import T_END, masked_log_probs, subs_log_probs
 from .sampling import reveal_tokens
 
 DIVERGENCES = ("kl_bwd", "kl_fwd", "mse", "tvd")
 
 
 @torch.no_grad()
-def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=None, eps=1e-5):
+def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=None, eps=T_END):
     """The SDTT targets of paper Algorithm 1 for a noised DATA batch z_t (B, L) at times t (B,).
 
     From the same z_t, the teacher takes n_steps ancestral steps of size delta (MDLM eq. 7, as in
@@ -91,16 +91,10 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
     return per_pos.sum() / masked.sum().clamp_min(1)  # mean over masked positions (0 if none)
 
 
-def sdtt_loss(student, teacher, x, teacher_steps, n_steps, mask_id, schedule, generator=None, kind="kl_bwd",
-              eps_t=1e-3, rank=0, world=1, teacher_generator=None):
-    """One SDTT training loss on a clean batch x (B, L): noise the data (stratified t, as MDLM
-    training), build the teacher targets with Δ = 1/teacher_steps, and score the student's one
-    forward pass on z_t against them. Returns (loss, t, z_t).
-    generator draws t and the masks (rank, world: DDP, diffusion.sample_times); teacher_generator the
-    teacher steps' draws (default: generator; under DDP, one of this rank's own)."""
-    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
-    target = sdtt_targets(teacher, z, t, n_steps, 1.0 / teacher_steps, mask_id, schedule,
-                          teacher_generator or generator)  # (B, L, V)
+def sdtt_loss(student, teacher, z, t, teacher_steps, n_steps, mask_id, schedule, generator=None, kind="kl_bwd"):
+    """One SDTT training loss on noised DATA z (B, L) at times t (B,) (drawn as for MDLM training: sample_times,
+    forward_mask): the teacher's targets from z with step size 1/teacher_steps (generator: its draws), and the
+    divergence of the student's one forward pass on z from them at the masked positions."""
+    target = sdtt_targets(teacher, z, t, n_steps, 1.0 / teacher_steps, mask_id, schedule, generator)  # (B, L, V)
     logp = masked_log_probs(student(z), mask_id)  # (B, L, V) fp32
-    return divergence(logp, target, z == mask_id, kind, mask_id), t, z
+    return divergence(logp, target, z == mask_id, kind, mask_id)

@@ -63,17 +63,15 @@ and students).
 """
 import contextlib
 import hashlib
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
-from .data import _open_split, tokenizer_key, windows_at
-from .diffusion import forward_mask, get_schedule, masked_log_probs, sample_times
+from .common import tokenizer_key
+from .diffusion import get_schedule, masked_log_probs
 from .model import Transformer, apply_rotary
-from .tcs_cache import DiskTargets, TargetCache, fixed_chunks, grid_batch, tensor_hash
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
 
@@ -359,57 +357,16 @@ def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
-def tcs_loss(model, x, ids, logp, mask_id, lam, generator=None, schedule=None, eps_t=1e-3, rank=0, world=1):
-    """The training loss on a clean batch x (B, L) with its targets: draws t and z_t exactly as
-    diffusion.nelbo_loss does (same generator calls, so lam = 0 reproduces train.py's MDLM; rank, world: DDP).
-    Returns (loss per token, logs) where logs hold the data-only NELBO and the TCS term."""
-    schedule = get_schedule(schedule)
-    t = sample_times(x.shape[0], generator, x.device, eps_t, rank, world)  # (B,)
-    z = forward_mask(x, t, schedule, mask_id, generator, rank, world)  # (B, L)
+def tcs_loss(model, x, z, t, ids, logp, mask_id, lam, schedule=None):
+    """The training loss on a clean batch x (B, L) noised to z at times t (as for MDLM: sample_times, forward_mask;
+    lam = 0 is train.py's MDLM loss) with its targets (ids, logp). Returns (loss per token, logs) where logs hold
+    the data-only NELBO and the TCS term."""
     mixed, nelbo, tcs = tcs_terms(model(z), x, z, t, ids, logp, mask_id, lam, schedule)
     n = x.numel()
     return mixed.sum() / n, {"nelbo": nelbo.detach().sum() / n, "tcs": tcs.detach().sum() / n}
 
 
-# ----------------------------------------------------------------------------- distill.py plumbing
-
-def add_tcs_args(parser):
-    """The flags of distill.py --method tcs (--teacher, shared with SDTT, is distill.py's)."""
-    add = parser.add_argument
-    add("--init", default="scratch",
-         help="TCS student: 'scratch' (fresh MDLM, size from --n_layer/--n_head/--n_embd, default the teacher's) "
-              "or an MDLM checkpoint to fine-tune")
-    add("--estimator", default="topk", choices=list(ESTIMATORS),
-         help="TCS target estimator: exact (all L*|V| substitutions), prefix (next-token only), "
-              "grad (first order), topk (exact rescoring of K candidates)")
-    add("--topk", type=int, default=16,
-         help="TCS: K ids stored per position (topk: candidates rescored), plus one slot that keeps the targets "
-              "unbiased (the label when it is not a candidate / one tail token with the rest of the mass); 0 = all")
-    add("--window", type=int, default=None, help="TCS topk: suffix tokens rescored after i (default: all)")
-    add("--candidates", default="prefix", choices=["prefix", "grad"],
-         help="TCS topk: candidates = the top K of the prefix distribution p(. | x_<i) (default: independent of "
-              "x_i, so the targets are exactly unbiased) or of grad (depends on x_i: biased, measured in docs/tcs.md)")
-    add("--tcs_lambda", type=float, default=1.0,
-         help="TCS weight lam: loss = (1 - lam) NELBO + lam TCS (0 = plain MDLM)")
-    add("--tcs_windows", type=int, default=0,
-         help="TCS: train on a fixed set of N windows of the chunk grid (evenly spaced) whose targets are precomputed "
-              "once to disk and reused by every run with the same teacher/settings/data; 0 = the whole grid, targets "
-              "cached in memory as they are met")
-    add("--tcs_cache_dir", default=None,
-         help="TCS with --tcs_windows: where the precomputed targets live (default DATA_DIR/tcs_targets; 'none' = "
-              "in memory only)")
-    add("--precompute_only", action="store_true",
-         help="TCS: compute (or verify) the --tcs_windows targets on disk, then exit without training")
-    add("--tcs_snapshots", type=int, default=0,
-         help="TCS: every N steps also write OUT_DIR/snap-ITER.pt (the EMA weights, a loadable MDLM checkpoint) "
-              "for curves evaluated afterwards on the same held-out windows (0 = off)")
-    add("--tcs_cache_mb", type=float, default=1024,
-         help="TCS without a disk set: memory for targets cached as they are met (MiB, 0 = no cache)")
-    add("--teacher_elems", type=int, default=0,
-         help="TCS: teacher logits per rescoring chunk (0 = auto: 2^24 on CPU, 2^27 on GPU)")
-    for flag, what in (("--n_layer", "blocks"), ("--n_head", "heads"), ("--n_embd", "width")):
-        add(flag, type=int, default=None, help=f"TCS student from scratch: {what} (default: the teacher's)")
-
+# ----------------------------------------------------------------------------- the teacher
 
 def load_teacher(path, student_tok, student_vocab, window, device):
     """Load the AR teacher (EMA weights when present), refusing anything that cannot teach this student."""
@@ -434,83 +391,3 @@ def check_tokenizers(teacher_tok, student_tok, student_vocab, path="--teacher"):
                         f"({student_vocab - 1} ids + [MASK]); TCS needs the same tokenizer (bpe: the same merges): "
                         f"pass --tokenizer {teacher_tok['name']}, or train the teacher with --tokenizer "
                         f"{student_tok['name']}")
-
-
-def build_tcs(args, student, device, data_dir, window, schedule=None, tokenizer=None, lab=None):
-    """What distill.py --method tcs hands to loop.train: (loss_fn, get_batch, on_step, meta_extra).
-    get_batch(n, generator, device) draws windows of `window` tokens on the fixed chunk grid (grid_batch; over
-    --tcs_windows fixed chunks when > 0), so a window's targets are computed once and then served by the cache;
-    with a fixed set they are precomputed to disk here (tinydiff/tcs_cache.py) unless lambda = 0.
-    on_step(it, save) -> the cache's counters for the checkpoint (None without a cache), and writes the
-    --tcs_snapshots files; schedule: the student's noise schedule (None: log-linear); tokenizer: the student's
-    tokenizer spec (bpe: with its merges' hash; None: the --tokenizer name); lab: a tinydiff.lab.Lab whose exact
-    full conditionals are the targets (--teacher lab-oracle: no teacher network, no target cache: they are cheap)."""
-    in_memory = args.tcs_cache_dir is not None and args.tcs_cache_dir.lower() == "none"  # --tcs_cache_dir none
-    if args.precompute_only and (args.tcs_windows <= 0 or in_memory):
-        raise UserError("--precompute_only computes the targets of a fixed training set to disk: give --tcs_windows N "
-                        "(and a --tcs_cache_dir other than none)")
-    mask_id = student.cfg.vocab_size - 1
-    if lab is not None:  # the exact targets of the lab: nothing to load, nothing worth caching
-        if args.precompute_only:
-            raise UserError("--precompute_only: the lab oracle's exact targets are computed on the fly (a few ms a "
-                            "batch); drop it")
-        if lab.V + 1 != student.cfg.vocab_size:
-            raise UserError(f"the student has {student.cfg.vocab_size - 1} ids + [MASK], the lab {lab.V}: train it on "
-                            f"the same lab")
-        teacher, ckpt, bos_id = None, {"config": None}, None
-    else:
-        teacher, ckpt = load_teacher(args.teacher, tokenizer or args.tokenizer, student.cfg.vocab_size, window, device)
-        bos_id = ckpt["tokenizer"]["eot_id"]
-    if lab is None and args.estimator == "exact" and window * ckpt["config"]["vocab_size"] > 1e5:
-        print(f"warning: exact TCS targets rescore {window} x {ckpt['config']['vocab_size']} sequences "
-              f"per window: use --estimator topk for anything but tiny settings")
-    max_elems = args.teacher_elems or (2 ** 27 if str(device).startswith("cuda") else 2 ** 24)
-
-    def compute(x):
-        if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same code path: no teacher
-            return x[..., None], torch.zeros(*x.shape, 1, device=x.device)  # pi = onehot(x)
-        if lab is not None:
-            from .lab import oracle_targets
-            return oracle_targets(lab, x)  # (B, L, |V|) each: the exact pi
-        return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window, args.candidates,
-                           max_elems)
-
-    L = window
-    chunks = fixed_chunks(data_dir, L, args.tcs_windows) if args.tcs_windows > 0 else None
-
-    def get_batch(n, generator, device):  # (n, L) chunk-aligned training windows
-        return grid_batch(data_dir, "train", n, L, generator, device, chunks=chunks)
-    use_disk = chunks is not None and not in_memory and lab is None
-    if use_disk and (args.tcs_lambda != 0 or args.precompute_only):
-        topk = args.estimator == "topk"
-        settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ckpt["config"],
-                    "bos_id": bos_id, "estimator": args.estimator, "topk": args.topk,
-                    "window": args.window if topk else None, "candidates": args.candidates if topk else None}
-        windows = windows_at(_open_split(data_dir, "train"), chunks * L, L)  # (N, L)
-        root = args.tcs_cache_dir or os.path.join(data_dir, "tcs_targets")
-        cache = DiskTargets(root, windows, settings, compute).prepare(args.batch_size)
-        print(f"TCS targets of {len(windows)} fixed windows: {cache.dir} ({cache.computed} computed now)")
-    elif args.tcs_cache_mb > 0 and args.tcs_lambda != 0 and lab is None:
-        cache = TargetCache(compute, int(args.tcs_cache_mb * 2 ** 20))
-    else:
-        cache = compute
-
-    def loss_fn(fwd, x, noise):  # noise: this step's draws (loop.Noise)
-        ids, logp = cache(x)  # (B, L, K') each, no gradient
-        return tcs_loss(fwd, x, ids, logp, mask_id, args.tcs_lambda, noise.gen, schedule, rank=noise.rank,
-                        world=noise.world)
-
-    def on_step(it, save):
-        """After every step: a --tcs_snapshots file (a loadable checkpoint without the optimizer: its EMA
-        weights are what model_from_checkpoint loads); returns the cache's counters (None: no cache)."""
-        if save is not None and args.tcs_snapshots > 0 and it % args.tcs_snapshots == 0:
-            save(os.path.join(args.out_dir, f"snap-{it:06d}.pt"), optimizer=None)
-        return cache.stats() if hasattr(cache, "stats") else None
-
-    meta_extra = {"tcs": {"teacher": args.teacher, "teacher_config": ckpt["config"], "bos_id": bos_id,
-                          "estimator": "lab-oracle" if lab is not None else args.estimator, "topk": args.topk,
-                          "window": args.window, "candidates": args.candidates, "lambda": args.tcs_lambda,
-                          "chunk_grid": L,
-                          "fixed_windows": args.tcs_windows, "targets_dir": str(cache.dir) if use_disk and
-                          isinstance(cache, DiskTargets) else None}}
-    return loss_fn, get_batch, on_step, meta_extra

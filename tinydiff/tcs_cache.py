@@ -202,3 +202,18 @@ def fixed_chunks(data_dir, seq_len, n):
     if n >= n_chunks:
         return torch.arange(n_chunks)
     return torch.linspace(0, n_chunks - 1, n, dtype=torch.float64).round().long()  # distinct: spacing >= 1
+
+
+def target_store(compute, data_dir, seq_len, fixed=0, cache_dir=None, cache_mb=1024, batch_size=16, settings=None):
+    """Where a TCS run's targets come from: compute(x (B, L)) -> (ids, logp), served once per window.
+    fixed > 0: training draws from `fixed` chunks of the grid (fixed_chunks), whose targets are precomputed to
+    cache_dir/<key>/ (default DATA_DIR/tcs_targets; settings: what they depend on besides the windows) unless
+    cache_dir is 'none'; else every window met is kept in memory up to cache_mb MiB (0: none). Returns
+    (targets, chunks): a callable like compute (with stats() when it caches), and the chunks (None: all)."""
+    chunks = fixed_chunks(data_dir, seq_len, fixed) if fixed > 0 else None
+    if chunks is not None and str(cache_dir or "").lower() != "none" and settings is not None:
+        windows = windows_at(_open_split(data_dir, "train"), chunks * seq_len, seq_len)  # (N, L)
+        store = DiskTargets(cache_dir or Path(data_dir) / "tcs_targets", windows, settings, compute).prepare(batch_size)
+        print(f"TCS targets of {len(windows)} fixed windows: {store.dir} ({store.computed} computed now)")
+        return store, chunks
+    return (TargetCache(compute, int(cache_mb * 2 ** 20)) if cache_mb > 0 else compute), chunks
