@@ -52,7 +52,7 @@ from tinydiff.run import (ArgumentParser, add_sampler_args, add_train_args, chec
 from tinydiff.sampling import describe, sample
 from tinydiff.sdtt import DIVERGENCES, sdtt_loss
 from tinydiff.tcs import ESTIMATORS, load_teacher, tcs_loss, tcs_targets
-from tinydiff.tcs_cache import grid_batch, target_store, tensor_hash
+from tinydiff.tcs_cache import grid_batch, target_settings, target_store
 
 # ----------------------------------------------------------------------------- flags
 ORACLE = "lab-oracle"  # --teacher: the exact denoiser / full conditionals of the lab the student is trained on
@@ -237,10 +237,8 @@ def main():
             def compute(x):  # (B, L) -> (ids, logp) (B, L, K') each: the teacher's targets, fp32 (tinydiff/tcs.py)
                 return tcs_targets(teacher, x.to(device), bos_id, args.estimator, args.topk, args.window,
                                    args.candidates, max_elems)
-            topk = args.estimator == "topk"
-            settings = {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": ackpt["config"],
-                        "bos_id": bos_id, "estimator": args.estimator, "topk": args.topk,
-                        "window": args.window if topk else None, "candidates": args.candidates if topk else None}
+            settings = target_settings(teacher, ackpt["config"], bos_id, args.estimator, args.topk, args.window,
+                                       args.candidates)
             tcs_meta.update(teacher_config=ackpt["config"], bos_id=bos_id)
         if args.tcs_lambda == 0 and not args.precompute_only:  # plain MDLM through the same path: pi = onehot(x)
             compute, settings = (lambda x: (x[..., None], torch.zeros(*x.shape, 1, device=x.device))), None

@@ -11,7 +11,7 @@ the squared label noise splits exactly (the cross term vanishes since E[e_x | x_
 This is the noise of the gradient with respect to the logits (p_theta - target) that comes from the label,
 per masked position and masking rate t, computed with the lab's exact posteriors (part 1). Part 2 measures
 the whole parameter-gradient noise of a student checkpoint, tr Cov over batches of the batch gradient, for
-lambda = 0 / 0.5 / 1 on the same windows, t and masks (tinydiff.tcs.tcs_loss draws them identically).
+lambda = 0 / 0.5 / 1 on the same windows, t and masks (drawn from the same generator for each).
 
     python experiments/lab_tcs_noise.py --ckpt runs/labtcs/lam0/snap-000125.pt --batches 32
 """
@@ -26,6 +26,7 @@ from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa
 from tinydiff.data import checkpoint_data  # noqa: E402
 from tinydiff.lab import lab_of  # noqa: E402
 from tinydiff.lab import oracle_targets
+from tinydiff.diffusion import forward_mask, get_schedule, sample_times  # noqa: E402
 from tinydiff.tcs import tcs_loss  # noqa: E402
 from tinydiff.tcs_cache import grid_batch  # noqa: E402
 
@@ -75,7 +76,10 @@ def main():
         ids, logp = oracle_targets(lab, xb)  # (B, L, V) each
         for lam in lams:
             student.zero_grad(set_to_none=True)
-            loss, _ = tcs_loss(student, xb, ids, logp, ckpt["mask_id"], lam, torch.Generator().manual_seed(1000 + b))
+            g = torch.Generator().manual_seed(1000 + b)  # the same t and masks for every lambda
+            t = sample_times(len(xb), g)
+            z = forward_mask(xb, t, get_schedule(ckpt.get("schedule")), ckpt["mask_id"], g)
+            loss, _ = tcs_loss(student, xb, z, t, ids, logp, ckpt["mask_id"], lam, get_schedule(ckpt.get("schedule")))
             loss.backward()
             grads[lam].append(torch.cat([q.grad.flatten() for q in student.parameters() if q.grad is not None]))
     noise = {}

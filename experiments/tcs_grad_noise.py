@@ -4,7 +4,7 @@ TCS can only speed training up by replacing the one-hot label (a noisy sample of
 the teacher's distribution: the expected gradient is the same when teacher = data, the noise is not.
 For a student checkpoint this script draws --batches training batches from the fixed windows, and for
 each batch computes the parameter gradient of the loss with lambda = 0 (plain MDLM), 0.5 and 1, on the
-SAME t and masks (tcs_loss draws them identically for every lambda). It reports, per lambda, the
+SAME t and masks (drawn from the same generator for every lambda). It reports, per lambda, the
 squared norm of the mean gradient (signal), the trace of the covariance of the per-batch gradient
 (noise), and the noise relative to lambda = 0 with its s.e. (paired over the same batches).
 
@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
-from tinydiff.loop import Noise  # noqa: E402
-from tinydiff.tcs import add_tcs_args, build_tcs  # noqa: E402
+from tinydiff.diffusion import forward_mask, get_schedule, sample_times  # noqa: E402
+from tinydiff.tcs import load_teacher, tcs_loss, tcs_targets  # noqa: E402
+from tinydiff.tcs_cache import grid_batch, target_settings, target_store  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="the student (an MDLM checkpoint or snapshot)")
@@ -32,9 +33,12 @@ parser.add_argument("--seq_len", type=int, default=128)
 parser.add_argument("--lambdas", default="0,0.5,1")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--threads", type=int, default=2)
-parser.add_argument("--tokenizer", default="bytes")
-parser.add_argument("--out_dir", default=None)
-add_tcs_args(parser)
+parser.add_argument("--tcs_windows", type=int, default=1024, help="the fixed windows of the run (distill.py's)")
+parser.add_argument("--tcs_cache_dir", default=None, help="where their targets were precomputed (distill.py's)")
+parser.add_argument("--estimator", default="topk")
+parser.add_argument("--topk", type=int, default=16)
+parser.add_argument("--window", type=int, default=None)
+parser.add_argument("--candidates", default="prefix")
 args = parser.parse_args()
 
 
@@ -42,19 +46,25 @@ def main():
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(args.ckpt)
     student = model_from_checkpoint(ckpt).train()  # the weights the snapshot holds (EMA for snapshots)
-    data_dir = load_checkpoint(args.teacher)["data_dir"]
+    teacher, tckpt = load_teacher(args.teacher, ckpt["tokenizer"], student.cfg.vocab_size, args.seq_len, "cpu")
+    data_dir, bos_id, mask_id = tckpt["data_dir"], tckpt["tokenizer"]["eot_id"], ckpt["mask_id"]
+    schedule = get_schedule(ckpt.get("schedule"))
+    settings = target_settings(teacher, tckpt["config"], bos_id, args.estimator, args.topk, args.window, args.candidates)
+    targets, chunks = target_store(lambda x: tcs_targets(teacher, x, bos_id, args.estimator, args.topk, args.window,
+                                                         args.candidates), data_dir, args.seq_len, args.tcs_windows,
+                                   args.tcs_cache_dir, batch_size=args.batch_size, settings=settings)
     lams = [float(v) for v in args.lambdas.split(",")]
-    losses = {}
-    for lam in lams:  # build_tcs's loss reads its args when called: one copy per lambda
-        ns = argparse.Namespace(**{**vars(args), "tcs_lambda": lam})
-        losses[lam], get_batch, _, _ = build_tcs(ns, student, "cpu", data_dir, args.seq_len)
     grads = {lam: [] for lam in lams}
     gen = torch.Generator().manual_seed(args.seed)
     for b in range(args.batches):
-        x = get_batch(args.batch_size, gen, "cpu")  # (B, L) fixed windows
+        x = grid_batch(data_dir, "train", args.batch_size, args.seq_len, gen, "cpu", chunks)  # (B, L) fixed windows
+        ids, logp = targets(x)
         for lam in lams:
             student.zero_grad(set_to_none=True)
-            loss, _ = losses[lam](student, x, Noise(torch.Generator().manual_seed(args.seed * 1000 + b)))  # same t, z
+            g = torch.Generator().manual_seed(args.seed * 1000 + b)  # the same t and masks for every lambda
+            t = sample_times(len(x), g)
+            z = forward_mask(x, t, schedule, mask_id, g)
+            loss, _ = tcs_loss(student, x, z, t, ids, logp, mask_id, lam, schedule)
             loss.backward()
             grads[lam].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
     out, dev = {}, {}

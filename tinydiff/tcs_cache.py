@@ -204,6 +204,14 @@ def fixed_chunks(data_dir, seq_len, n):
     return torch.linspace(0, n_chunks - 1, n, dtype=torch.float64).round().long()  # distinct: spacing >= 1
 
 
+def target_settings(teacher, config, bos_id, estimator, topk, window, candidates):
+    """What a teacher's stored targets depend on besides the windows (part of DiskTargets' key)."""
+    top = estimator == "topk"
+    return {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": config, "bos_id": bos_id,
+            "estimator": estimator, "topk": topk, "window": window if top else None, "candidates": candidates if top
+            else None}
+
+
 def target_store(compute, data_dir, seq_len, fixed=0, cache_dir=None, cache_mb=1024, batch_size=16, settings=None):
     """Where a TCS run's targets come from: compute(x (B, L)) -> (ids, logp), served once per window.
     fixed > 0: training draws from `fixed` chunks of the grid (fixed_chunks), whose targets are precomputed to
