@@ -40,7 +40,7 @@ from tinydiff.common import EMA, make_optimizer
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampling import ar_sample
 from tinydiff.sampling import describe, sample
-from tinydiff.timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
+from timing import (H100_SXM, SIZES, cpu_name, crossover, cudagraph_skips, fmt, known_gpu, make_decode,
                              matmul_flops, measure, plot_quality, print_table, roofline,
                              weight_params)
 

@@ -63,7 +63,6 @@ from tinydiff.sampling import ar_sample
 from tinydiff.lab import OracleDenoiser
 from tinydiff.lab import heldout_gap, lab_metrics, lab_of, lab_table
 from tinydiff.sampling import describe, sample
-from tinydiff.timing import sync
 
 parser = ArgumentParser(description=__doc__)
 parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to evaluate (MDLM or AR)")
@@ -226,7 +225,7 @@ def main():
     def generate(steps):
         """num_samples samples (n, L), mean NFE per batch, seconds. The same seed for every row."""
         gen, rows, nfes = make_generator(args.seed, device), [], []
-        sync(device)
+        torch.cuda.synchronize() if device == "cuda" else None
         t0 = time.time()
         for start in range(0, args.num_samples, args.batch_size):
             b = min(args.batch_size, args.num_samples - start)
@@ -240,7 +239,7 @@ def main():
                 x = x[:, 1:]  # (b, L)
             rows.append(x)
             nfes.append(nfe)
-        sync(device)
+        torch.cuda.synchronize() if device == "cuda" else None
         return torch.cat(rows), sum(nfes) / len(nfes), time.time() - t0
 
     table, samples_by_row = [], []

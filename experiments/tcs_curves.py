@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from tinydiff.common import emit, load_checkpoint, model_from_checkpoint  # noqa: E402
-from tinydiff.diffusion import LogLinearSchedule, forward_mask, nelbo_terms, sample_times  # noqa: E402
+from tinydiff.diffusion import forward_mask, get_schedule, nelbo_terms, sample_times  # noqa: E402
 from tinydiff.evaluate import heldout_windows  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +44,9 @@ args = parser.parse_args()
 
 
 @torch.no_grad()
-def per_window_bound(model, val_x, mask_id):
+def per_window_bound(model, val_x, mask_id, schedule):
     """(N,) per-token NELBO of each window, averaged over draws: val_bound's draws, kept per window."""
-    schedule, gen = LogLinearSchedule(), torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     total = torch.zeros(len(val_x), dtype=torch.float64)
     for _ in range(args.draws):
         for i in range(0, len(val_x), args.batch_size):
@@ -58,16 +58,17 @@ def per_window_bound(model, val_x, mask_id):
 
 
 @torch.no_grad()
-def per_window_nll_at(model, val_x, mask_id, t):
-    """(N,) mean -log p(x_i | z_t) over each window's masked tokens at a fixed mask rate t (no 1/t weight)."""
-    schedule, gen = LogLinearSchedule(), torch.Generator().manual_seed(args.seed)
+def per_window_nll_at(model, val_x, mask_id, t, schedule):
+    """(N,) mean -log p(x_i | z_t) over each window's masked tokens at a fixed time t (the model's schedule;
+    log-linear: mask rate (1 - eps) t), without the NELBO weight."""
+    gen = torch.Generator().manual_seed(args.seed)
     num, den = torch.zeros(len(val_x), dtype=torch.float64), torch.zeros(len(val_x), dtype=torch.float64)
     for _ in range(args.draws):
         for i in range(0, len(val_x), args.batch_size):
             x = val_x[i:i + args.batch_size]  # (b, L)
             tt = torch.full((len(x),), t)
             z = forward_mask(x, tt, schedule, mask_id, gen)
-            terms = nelbo_terms(model(z), x, z, tt, schedule, mask_id).double() * t  # (b, L): -log p at masked, else 0
+            terms = nelbo_terms(model(z), x, z, tt, schedule, mask_id).double() / schedule.weight(tt)[:, None]  # (b, L)
             num[i:i + len(x)] += terms.sum(1)
             den[i:i + len(x)] += (z == mask_id).sum(1)
     return num / den.clamp_min(1)
@@ -95,7 +96,8 @@ def main():
         bounds[name] = {}
         for it, path in snapshots(out).items():
             ckpt = load_checkpoint(path)
-            bounds[name][it] = per_window_bound(model_from_checkpoint(ckpt), val_x, ckpt["mask_id"])
+            bounds[name][it] = per_window_bound(model_from_checkpoint(ckpt), val_x, ckpt["mask_id"],
+                                                get_schedule(ckpt.get("schedule")))
             print(f"{name} iter {it}: {bounds[name][it].mean().item():.4f}", file=sys.stderr, flush=True)
     base = bounds[args.base]
     iters = sorted({it for b in bounds.values() for it in b})
@@ -150,7 +152,8 @@ def main():
         for n in names:
             ckpt = load_checkpoint(snapshots(runs[n])[max(bounds[n])])
             model = model_from_checkpoint(ckpt)
-            finals[n] = {t: per_window_nll_at(model, val_x, ckpt["mask_id"], t) for t in ts}
+            finals[n] = {t: per_window_nll_at(model, val_x, ckpt["mask_id"], t, get_schedule(ckpt.get("schedule")))
+                         for t in ts}
         print(f"\nfinal snapshots: NLL of the masked tokens (nats/token) at a fixed mask rate t, ± s.e.; "
               f"Δ = run − {args.base} (paired)")
         print("| t | " + " | ".join(names) + " | " + " | ".join(f"Δ {n}" for n in names if n != args.base) + " |")

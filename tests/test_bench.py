@@ -1,4 +1,4 @@
-"""bench.py and tinydiff/timing.py: the crossover and roofline computations against hand-made numbers,
+"""bench.py and timing.py: the crossover and roofline computations against hand-made numbers,
 the timer's protocol, and the script end to end on a tiny model (its JSON last line has every field
 the README and the issue promise)."""
 import importlib.util
@@ -13,7 +13,7 @@ import torch
 from tinydiff.common import save_checkpoint
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.sampling import ar_sample
-from tinydiff.timing import crossover, known_gpu, make_decode, measure, roofline, weight_params
+from timing import crossover, known_gpu, make_decode, measure, roofline, weight_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

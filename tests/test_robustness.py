@@ -137,10 +137,10 @@ BAD_FLAGS = [  # (script, flags, words the error line must hold): the QA cases a
     ("bench.py", ["--train_iters", "0"], ["--train_iters 0"]),
     ("bench.py", ["--threads", "-1"], ["--threads -1"]),
     ("bench.py", ["--steps", "a"], ["comma-separated list of integers"]),
-    ("bench_tcs.py", ["--teacher", "t.pt", "--n_seq", "0"], ["--n_seq 0"]),
-    ("bench_tcs.py", ["--teacher", "t.pt", "--ks", "2,0"], ["--ks 2,0"]),
-    ("bench_tcs.py", ["--teacher", "t.pt", "--windowed", "4:x"], ["--windowed", "K:W"]),
-    ("bench_tcs.py", ["--teacher", "t.pt", "--seq_len", "0"], ["--seq_len 0"]),
+    ("experiments/bench_tcs.py", ["--teacher", "t.pt", "--n_seq", "0"], ["--n_seq 0"]),
+    ("experiments/bench_tcs.py", ["--teacher", "t.pt", "--ks", "2,0"], ["--ks 2,0"]),
+    ("experiments/bench_tcs.py", ["--teacher", "t.pt", "--windowed", "4:x"], ["--windowed", "K:W"]),
+    ("experiments/bench_tcs.py", ["--teacher", "t.pt", "--seq_len", "0"], ["--seq_len 0"]),
 ]
 
 

@@ -524,7 +524,7 @@ def test_teacher_targets_end_to_end(tmp_path):
     teacher, ckpt = load_teacher(tmp_path / "ar.pt", "bytes", 258, 16, "cpu")
     data = tmp_path / "data"
     data.mkdir()
-    np.arange(1000, dtype=np.uint16).tofile(data / "train.bin")
+    (np.arange(1000, dtype=np.uint16) % 256).tofile(data / "train.bin")
     for est in ("exact", "prefix", "grad", "topk"):
         store, chunks = target_store(lambda x: tcs_targets(teacher, x, 256, est, 4), data, 16, settings={"est": est})
         assert chunks is None and isinstance(store, TargetCache)  # no fixed set: the windows met, in memory

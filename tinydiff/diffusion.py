@@ -98,10 +98,11 @@ def sample_times(batch_size, generator=None, device="cpu", eps_t=T_MIN):
     return ((u + offsets) % 1) * (1 - eps_t) + eps_t  # (B,)
 
 
-def forward_mask(x, t, schedule, mask_id, generator=None):
-    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t (MDLM eq. 2)."""
+def forward_mask(x, t, schedule, mask_id, generator=None, u=None):
+    """z_t ~ q(z_t | x): replace each token by mask_id independently with probability 1 - alpha_t (MDLM eq. 2).
+    u: the uniforms (B, L) to use (val_bound_windows draws them per window); default: drawn from generator."""
     p_mask = (1 - schedule.alpha(t))[:, None]  # (B, 1)
-    u = torch.rand(x.shape, generator=generator, device=x.device)  # (B, L)
+    u = torch.rand(x.shape, generator=generator, device=x.device) if u is None else u  # (B, L)
     return torch.where(u < p_mask, torch.full_like(x, mask_id), x)
 
 
@@ -172,7 +173,7 @@ def val_bound_windows(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_
         rows = torch.arange(i, min(i + batch_size, n * n_draws))  # (b,)
         x = val_x[(rows // n_draws).to(val_x.device)]  # (b, L)
         tb, ub = t[rows].to(val_x.device), u[rows].to(val_x.device)  # (b,), (b, L)
-        z = torch.where(ub < (1 - schedule.alpha(tb))[:, None], torch.full_like(x, mask_id), x)  # z_t ~ q(z_t | x)
+        z = forward_mask(x, tb, schedule, mask_id, u=ub)  # z_t ~ q(z_t | x)
         with autocast():
             logits = model(z)  # (b, L, V)
         sums[i:i + len(rows)] = nelbo_terms(logits, x, z, tb, schedule, mask_id).double().sum(1)

@@ -97,13 +97,24 @@ class Attention(nn.Module):
         self.causal = cfg.causal
         self.dropout = cfg.dropout if cfg.dropout_sites == "all" else 0.0  # on attention probabilities
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None, prefix=None):
+        *lead, T, C = x.shape  # lead: (B,), or (b, K) for prefix attention
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_head, self.head_dim)).movedim(-3, 0).transpose(-2, -3)
+        # 3 x (*lead, H, T, hd)
         if cos is not None:  # None: learned absolute positions, already added to the input
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        if cache is None:
+        if prefix is not None:
+            # attend to the given keys/values kp, vp (b, 1, H, n, hd) of a prefix, shared by the K rows of each of
+            # b sequences through broadcasting (never copied), and causally to x itself: one softmax over both
+            kp, vp = prefix
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            scale = self.head_dim ** -0.5
+            att = torch.cat([q @ kp.to(q.dtype).transpose(-1, -2) * scale,  # (b, K, H, T, n)
+                             (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))], -1).softmax(-1)
+            n = kp.shape[-2]
+            y = att[..., :n] @ vp.to(q.dtype) + att[..., n:] @ v  # (b, K, H, T, hd)
+        elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)  # (B, H, T, hd)
         else:
             # write this chunk at input_pos, then attend over keys 0..n-1 through the mask
@@ -114,7 +125,7 @@ class Attention(nn.Module):
             n, mask = keys  # from cache.keys(input_pos), made once per forward; mask: (T, n) or None
             y = F.scaled_dot_product_attention(q, cache.k[layer, :, :, :n].to(q.dtype),
                                                cache.v[layer, :, :, :n].to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(-2, -3).reshape(*lead, T, C))
 
 
 class Block(nn.Module):
@@ -127,8 +138,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.gelu_approx = cfg.gelu_approx
 
-    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None):
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos, keys))
+    def forward(self, x, cos, sin, layer, cache=None, input_pos=None, keys=None, prefix=None):
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, layer, cache, input_pos, keys, prefix))
         x = x + self.drop(self.out(F.gelu(self.fc(self.ln2(x)), approximate=self.gelu_approx)))
         return x
 
@@ -166,7 +177,7 @@ class Transformer(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx=None, input_pos=None, cache=None, embeds=None, select=None):
+    def forward(self, idx=None, input_pos=None, cache=None, embeds=None, select=None, prefix=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) in float32.
 
         input_pos: (T,) positions of idx when decoding with `cache` (a KVCache); None = 0..T-1.
@@ -175,9 +186,12 @@ class Transformer(nn.Module):
         select: (B, T) bool: the logits of these positions only, (N, vocab_size) in row-major order. The
         MDLM loss needs them only at masked positions; skipping the others saves their share of the output
         head and of the softmax (with 4096 ids, most of a small model's step). Data-dependent shapes: eager only.
+        prefix: (cache, rows, n): idx (b, K, T) at input_pos also attends to the first n cached keys/values of
+        rows (a slice of b sequences) of a KVCache, each shared by its K rows without a copy (causal models, eval):
+        TCS rescoring runs K substitutions of a token after one shared prefix this way (tinydiff/tcs.py).
         """
         x = self.tok_emb(idx) if embeds is None else embeds  # (B, T, C)
-        T = x.shape[1]
+        T = x.shape[-2]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of length {T} is longer than the model's context {self.cfg.seq_len}")
         if self.cfg.pos_emb == "learned":
@@ -190,7 +204,9 @@ class Transformer(nn.Module):
         x = self.drop(x)
         keys = cache.keys(input_pos) if cache is not None else None  # (n, mask), shared by all layers
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layer, cache, input_pos, keys)
+            kv = None if prefix is None else tuple(c[layer, prefix[1], None, :, :prefix[2]]  # (b, 1, H, n, hd)
+                                                   for c in (prefix[0].k, prefix[0].v))
+            x = block(x, cos, sin, layer, cache, input_pos, keys, kv)
         if select is not None:
             x = x[select]  # (N, C)
         return self.head(self.ln_f(x)).float()  # (B, T, V), or (N, V) with select

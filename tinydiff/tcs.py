@@ -66,12 +66,11 @@ import hashlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .common import UserError, load_checkpoint, model_from_checkpoint
 from .common import tokenizer_key
 from .diffusion import get_schedule, masked_log_probs
-from .model import Transformer, apply_rotary
+from .model import Transformer
 
 ESTIMATORS = ("exact", "prefix", "grad", "topk")
 
@@ -146,7 +145,7 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
     """rescore() for a tinydiff Transformer: the clean sequence's keys/values are computed once (a KV
     cache); substitution (i, v) then reuses the cached prefix x_<i and runs only its own W tokens
     (v, x_{i+1}, ..., x_{i+W-1}) through the teacher, about L/W times less work than from scratch.
-    The K candidates of a window attend to its one copy of the prefix (_suffix_logits): no per-row copy."""
+    The K candidates of a window attend to its one copy of the prefix (Transformer's prefix=): no per-row copy."""
     B, L, K = cand.shape
     dev, cfg = x.device, teacher.cfg
     clean = teacher.new_cache(B, L)
@@ -166,38 +165,10 @@ def _rescore_cached(teacher, x, cand, bos_id, W, max_elems):
         per_window = K * w * (V + 4 * cfg.n_embd + cfg.n_head * (i + w + 1))  # logits, activations, attention
         step = max(1, max_elems // per_window)  # windows per call
         for s in range(0, B, step):
-            lg = _suffix_logits(teacher, feed[s:s + step], pos, clean, s, i + 1)  # (b, K, w, V)
+            # (b, K, w, V): the K substitutions of each window attend to its one cached prefix (Transformer's prefix)
+            lg = teacher(feed[s:s + step], input_pos=pos, prefix=(clean, slice(s, s + step), i + 1))
             out[s:s + step, i] += token_log_probs(lg, target[s:s + step]).sum(-1)  # (b, K)
     return out
-
-
-def _suffix_logits(teacher, feed, pos, clean, b0, n_prefix):
-    """Teacher logits (b, K, w, V) of fed tokens feed (b, K, w) at positions pos (w,), each attending
-    causally to the others and to the first n_prefix cached keys/values of its window b0 + (0..b-1) in
-    `clean` (shared by its K rows through broadcasting, never copied). The Transformer's blocks in eval
-    mode, written out: the attention is split into its prefix and suffix parts before one softmax."""
-    b, K, w = feed.shape
-    cfg = teacher.cfg
-    H, hd = cfg.n_head, cfg.n_embd // cfg.n_head
-    h = teacher.tok_emb(feed)  # (b, K, w, C)
-    if cfg.pos_emb == "learned":
-        h, cos, sin = h + teacher.pos_emb(pos), None, None
-    else:
-        cos, sin = teacher.cos[pos], teacher.sin[pos]  # (w, hd/2)
-    causal = torch.ones(w, w, dtype=torch.bool, device=feed.device).tril()  # (w, w)
-    for layer, block in enumerate(teacher.blocks):
-        q, k, v = block.attn.qkv(block.ln1(h)).view(b, K, w, 3, H, hd).permute(3, 0, 1, 4, 2, 5)  # 3 x (b, K, H, w, hd)
-        if cos is not None:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        kp = clean.k[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)  # (b, 1, H, n_prefix, hd)
-        vp = clean.v[layer, b0:b0 + b, None, :, :n_prefix].to(q.dtype)
-        scale = hd ** -0.5
-        att = torch.cat([q @ kp.transpose(-1, -2) * scale,  # (b, K, H, w, n_prefix): the shared prefix
-                         (q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))], -1).softmax(-1)
-        y = att[..., :n_prefix] @ vp + att[..., n_prefix:] @ v  # (b, K, H, w, hd)
-        h = h + block.attn.proj(y.transpose(2, 3).reshape(b, K, w, cfg.n_embd))
-        h = h + block.out(F.gelu(block.fc(block.ln2(h)), approximate=block.gelu_approx))
-    return teacher.head(teacher.ln_f(h)).float()  # (b, K, w, V)
 
 
 def grad_suffix(teacher, x, bos_id):

@@ -124,9 +124,9 @@ def heldout_gap(model, kind, lab, val_x, mask_id=None, draws=4, seed=0, batch_si
 @torch.no_grad()
 def per_rate(model, lab, L, rates=(0.05, 0.2, 0.4, 0.6, 0.8, 0.95), n=128, seed=0, device="cpu"):
     """Where an MDLM's bound loses to the truth: for each masking rate t, over masked positions of stationary
-    windows, the model's and the oracle's -log p(x_i | z_t) and KL(oracle posterior || model). The NELBO of
-    the log-linear schedule is the integral over t of the per-masked-token loss, so these rows integrate to
-    bound (model) and NLL (oracle)."""
+    windows, the model's and the oracle's -log p(x_i | z_t) and KL(oracle posterior || model). Written in the
+    masking rate r = 1 - alpha_t, the NELBO of any schedule is the integral over r in (0, 1] of the
+    per-masked-token loss times 1/r (MDLM eq. 10), so these rows integrate to bound (model) and NLL (oracle)."""
     gen, oracle, rows = torch.Generator().manual_seed(seed), OracleDenoiser(lab), []
     x = lab.sample(n, L, gen)  # (n, L)
     for t in rates:
@@ -158,7 +158,7 @@ def lab_table(rows, H):
 
 
 def describe(spec="lab", L=128, n=1000, draws=2048, seed=0):
-    """The numbers of docs/lab.md's instance table: size, H, and the cost of each exact function on n
+    """The numbers of docs/lab.md's instance table (experiments/lab_describe.py prints them): size, H, and the cost of each exact function on n
     sequences of L tokens (milliseconds per 1000 sequences, this machine, torch's default threads)."""
     lab, gen = Lab(parse_spec(spec)), torch.Generator().manual_seed(seed)
     x = lab.sample(n, L, gen)  # (n, L)
@@ -185,15 +185,3 @@ def describe(spec="lab", L=128, n=1000, draws=2048, seed=0):
     for name, v in ms.items():
         print(f"  {name:<36} {v:9.0f} ms" + ("" if "total" in name else f" per 1000 sequences of {L}"))
     return info
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-    p = argparse.ArgumentParser(description="Describe a lab: its size, entropy and the cost of its exact functions.")
-    p.add_argument("spec", nargs="?", default="lab", help="lab or lab:W=256,delta=0.02,...")
-    p.add_argument("--L", type=int, default=128, help="sequence length")
-    p.add_argument("--n", type=int, default=1000, help="sequences per timed call")
-    p.add_argument("--draws", type=int, default=2048, help="windows for the entropy estimate")
-    a = p.parse_args()
-    print(json.dumps(describe(a.spec, a.L, a.n, a.draws)))

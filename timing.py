@@ -1,4 +1,4 @@
-"""Measuring speed honestly (used by bench.py).
+"""Measuring speed honestly: the helpers of bench.py, beside it (not part of the tinydiff package).
 
 - `measure`: wall-clock of a callable, warm-up excluded (torch.compile's compilation happens there),
   the device synchronised before and after every timed run, median and min-max over the runs.

@@ -15,18 +15,20 @@ full-context optimum); E TV(tau, pi), the distance of ONE stored target (what a 
 teacher's wall and CPU ms per sequence for tcs_targets (teacher forward/backward passes included).
 
 CPU (the AR teacher of docs/tcs.md, length 32 where `exact` is affordable):
-    python bench_tcs.py --teacher out-ar/ckpt.pt --seq_len 32 --n_seq 16
+    python experiments/bench_tcs.py --teacher out-ar/ckpt.pt --seq_len 32 --n_seq 16
 GPU: the same with a bigger teacher, e.g. --seq_len 128 --n_seq 64 --batch_size 16.
 """
+import os
+import sys
 import time
 
 import torch
 
-from tinydiff.run import ArgumentParser, int_list, run_main, validate
-from tinydiff.common import UserError, emit, load_checkpoint, model_from_checkpoint, pick_device
-from tinydiff.data import checkpoint_data, val_windows
-from tinydiff.tcs import dense_targets, grad_suffix, prefix_log_probs, rescore, tcs_targets, to_dense
-from tinydiff.timing import sync
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+from tinydiff.common import UserError, emit, load_checkpoint, model_from_checkpoint, pick_device  # noqa: E402
+from tinydiff.data import checkpoint_data, val_windows  # noqa: E402
+from tinydiff.run import ArgumentParser, int_list, run_main, validate  # noqa: E402
+from tinydiff.tcs import dense_targets, grad_suffix, prefix_log_probs, rescore, tcs_targets, to_dense  # noqa: E402
 
 parser = ArgumentParser(description=__doc__)
 parser.add_argument("--teacher", required=True, help="AR checkpoint (train.py --model ar)")
@@ -56,10 +58,10 @@ def timed(device, fn, x):
     """fn over x in batches -> (concatenated outputs, wall ms per sequence, CPU ms per sequence)."""
     outs, wall, cpu = [], 0.0, 0.0
     for i in range(0, len(x), args.batch_size):
-        sync(device)
+        torch.cuda.synchronize() if device == "cuda" else None
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn(x[i:i + args.batch_size])
-        sync(device)
+        torch.cuda.synchronize() if device == "cuda" else None
         wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
         outs.append(out)
     cat = tuple(torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))) if isinstance(outs[0], tuple) \
