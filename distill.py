@@ -43,7 +43,7 @@ from tinydiff.common import (EMA, StopSignals, UserError, emit, generators, load
 from tinydiff.data import (checkpoint_data, default_tokenizer, framed_batches, get_batch, get_tokenizer, load_meta,
                            load_tokenizer, prepare_for, tokenizer_from_spec)
 from tinydiff.diffusion import SCHEDULES, forward_mask, get_schedule, sample_times, schedule_spec
-from tinydiff.evaluate import heldout_windows, val_metrics
+from tinydiff.evaluate import heldout_windows, periodic_eval
 from tinydiff.lab import OracleDenoiser, lab_of, oracle_targets
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
@@ -339,16 +339,11 @@ def main():
                 shown = {k: f"{dist.mean(v).item():.4f}" for k, v in logs_sum.items()}
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", **shown,
                                 tok_s=f"{(it - it0) * tokens_per_step / (time.time() - t0 - eval_seconds):.0f}")
-            if rank == 0 and (it % args.eval_interval == 0 or it == args.max_iters):
-                student.eval()
-                start = time.time()
-                metrics = val_metrics(ema.model if ema else student, "mdlm", val_x, mask_id, args.eval_draws, 0,
-                                      args.batch_size, autocast, schedule)  # the data-only NELBO bound
-                history.append({"iter": it, **metrics})
-                eval_seconds += time.time() - start
-                tqdm.write(f"iter {it}: " + " ".join(f"{k} {'-' if v is None else format(v, '.4f')}"
-                                                     for k, v in metrics.items()) + f" ({time.time() - start:.1f}s)")
-                student.train()
+            if rank == 0 and (it % args.eval_interval == 0 or it == args.max_iters):  # the EMA weights, fixed windows
+                row, seconds = periodic_eval(ema.model if ema else student, it, "mdlm", val_x, mask_id, args.eval_draws,
+                                             args.batch_size, autocast, schedule)
+                history.append(row)
+                eval_seconds += seconds
             due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
             if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
                 save_run(run_state(meta, student, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt",

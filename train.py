@@ -25,7 +25,7 @@ from tinydiff.common import (EMA, StopSignals, UserError, emit, generators, load
                              make_optimizer, model_from_checkpoint, restore_run, run_state, save_run, setup_runtime)
 from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_batch, load_meta, load_tokenizer, prepare
 from tinydiff.diffusion import SCHEDULES, forward_mask, get_schedule, nelbo_loss, sample_times, schedule_spec
-from tinydiff.evaluate import heldout_windows, per_byte, val_metrics, val_window_len
+from tinydiff.evaluate import heldout_windows, per_byte, periodic_eval, val_window_len
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.run import ArgumentParser, add_sampler_args, add_train_args, knobs_from_args, parse, resume_args, run_main
@@ -170,15 +170,10 @@ def main():
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
                             tok_s=f"{(it - it0) * tokens_per_step / (time.time() - t0 - eval_seconds):.0f}")
         if rank == 0 and (it % args.eval_interval == 0 or it == args.max_iters):  # the EMA weights, fixed windows
-            model.eval()
-            start = time.time()
-            metrics = val_metrics(ema.model if ema else model, args.model, val_x, mask_id, args.eval_draws, 0,
-                                  args.batch_size, autocast, schedule)
-            history.append({"iter": it, **metrics})
-            eval_seconds += time.time() - start
-            tqdm.write(f"iter {it}: " + " ".join(f"{k} {'-' if v is None else format(v, '.4f')}"
-                                                 for k, v in metrics.items()) + f" ({time.time() - start:.1f}s)")
-            model.train()
+            row, seconds = periodic_eval(ema.model if ema else model, it, args.model, val_x, mask_id, args.eval_draws,
+                                         args.batch_size, autocast, schedule)
+            history.append(row)
+            eval_seconds += seconds
         due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
         if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
             save_run(run_state(meta, model, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt",

@@ -18,12 +18,14 @@
 import contextlib
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .common import UserError
 from .data import FRAMINGS, frame, load_meta, tokenizer_key, val_windows
@@ -65,6 +67,19 @@ def val_metrics(model, kind, val_x, mask_id=None, draws=2, seed=0, batch_size=32
     nats = per_window.mean().item()
     se = (per_window.std() / math.sqrt(len(per_window))).item() if len(per_window) > 1 else None
     return {"val_loss": nats, "val_loss_se": se, "val_ppl": bound_to_ppl(nats)}
+
+
+def periodic_eval(model, it, kind, val_x, mask_id, draws, batch_size, autocast, schedule):
+    """The training loops' held-out eval (train.py, distill.py): val_metrics of `model` in eval mode, printed as
+    one line. Returns ({"iter": it, **metrics}, seconds)."""
+    start, was = time.time(), model.training
+    model.eval()
+    metrics = val_metrics(model, kind, val_x, mask_id, draws, 0, batch_size, autocast, schedule)
+    model.train(was)
+    seconds = time.time() - start
+    tqdm.write(f"iter {it}: " + " ".join(f"{k} {'-' if v is None else format(v, '.4f')}" for k, v in metrics.items())
+               + f" ({seconds:.1f}s)")
+    return {"iter": it, **metrics}, seconds
 
 
 def val_window_len(kind, seq_len):

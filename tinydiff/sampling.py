@@ -66,6 +66,18 @@ def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top
     x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)
 
 
+def greedy_fill(x, logits, model, mask_id):
+    """Masks left after a sampler's last step get one argmax pass (counted in NFE: returns 0 or 1)."""
+    left = (x == mask_id).nonzero(as_tuple=True)
+    if left[0].numel() == 0:
+        return 0
+    nfe = 0
+    if logits is None:
+        logits, nfe = model(x), 1
+    reveal_tokens(x, logits, left, mask_id, temperature=0)
+    return nfe
+
+
 @torch.no_grad()
 def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, schedule=None, generator=None,
                      device="cpu", temperature=1.0, top_k=0, top_p=1.0, eps=T_END, cache=True):
@@ -106,13 +118,7 @@ def diffusion_sample(model, batch_size, seq_len, steps, mask_id, init=None, sche
             nfe += 1
         reveal_tokens(x, logits, rows, mask_id, generator, temperature, top_k, top_p)
         logits = None  # x changed: the cached output is stale
-    left = (x == mask_id).nonzero(as_tuple=True)
-    if left[0].numel() > 0:  # final greedy pass (counted in nfe)
-        if logits is None:
-            logits = model(x)
-            nfe += 1
-        reveal_tokens(x, logits, left, mask_id, temperature=0)  # argmax, the mask excluded
-    return x, nfe
+    return x, nfe + greedy_fill(x, logits, model, mask_id)
 
 
 @torch.no_grad()
@@ -234,26 +240,13 @@ def top_per_row(score, counts):
     return rank < counts[:, None]
 
 
-def greedy_fill(x, logits, model, mask_id):
-    """Masks left after the last step get one argmax pass (counted in NFE), as diffusion_sample's."""
-    left = (x == mask_id).nonzero(as_tuple=True)
-    if left[0].numel() == 0:
-        return 0
-    nfe = 0
-    if logits is None:
-        logits, nfe = model(x), 1
-    reveal_tokens(x, logits, left, mask_id, temperature=0)
-    return nfe
-
-
 # ----------------------------------------------------------------------------- the samplers
 
 
 @register("ancestral")
 def ancestral(model, x, steps, mask_id, generator=None, *, temperature=1.0, top_k=0, top_p=1.0, schedule=None,
               eps=T_END):
-    """MDLM's ancestral sampler (Sahoo et al. 2024, eq. 7; Austin et al. 2021): tinydiff.sampling's
-    diffusion_sample, unchanged (the same draws for the same seed).
+    """MDLM's ancestral sampler (Sahoo et al. 2024, eq. 7; Austin et al. 2021): diffusion_sample above.
 
     Law: the model's own. Each step reveals every masked position independently with probability
     (alpha_s - alpha_t) / (1 - alpha_t), the token drawn from p_theta(. | z_t); which positions are
