@@ -1,15 +1,7 @@
 """Measuring speed honestly: the helpers of bench.py, beside it (not part of the tinydiff package).
 
-- `measure`: wall-clock of a callable, warm-up excluded (torch.compile's compilation happens there),
-  the device synchronised before and after every timed run, median and min-max over the runs.
-- `known_gpu` / `matmul_flops`: the peak a model FLOP utilisation (MFU) is measured against: a small
-  table of datasheet bf16 dense peaks for GPUs, or the FLOP/s of a large matmul measured in the same
-  run on a CPU. An unknown GPU gets no guess.
-- `CachedDecoder`: the AR decode step with its KV cache as module state, so torch.compile (CUDA
-  graphs included) sees the cache as fixed buffers updated in place, not as inputs of a new call.
-- `roofline`: the ideal latency of KV-cached AR decoding vs K diffusion passes from FLOPs and bytes.
-- `crossover`: per batch size, the largest measured step count at which diffusion beats cached AR.
-- `cpu_name`, `print_table`, `plot_quality`: the report (matplotlib is optional).
+Timings exclude warm-up (where torch.compile compiles) and synchronise the device around every run; MFU is
+measured against a datasheet peak for known GPUs or a matmul measured on the CPU (an unknown GPU gets no guess).
 """
 import platform
 import statistics
@@ -18,9 +10,8 @@ import time
 import torch
 import torch.nn as nn
 
-# Model sizes of the SDTT paper (Deschenaux & Gulcehre 2025: small/medium/large/1.3B, GPT-2 tokenizer,
-# L = 1024) and tinydiff's CPU default. Heads are chosen for a head dimension of 64 (the paper gives
-# depth and width); vocab is the tokenizer's (the MDLM adds one [MASK] row).
+# The SDTT paper's model sizes (Deschenaux & Gulcehre 2025; GPT-2 tokenizer, L = 1024) and tinydiff's CPU default.
+# Heads give a head dimension of 64 (the paper gives depth and width); vocab is the tokenizer's (MDLM adds [MASK]).
 SIZES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=256, vocab=257),    # train.py's default, bytes
     "small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024, vocab=50257),
@@ -29,8 +20,8 @@ SIZES = {
     "1.3b": dict(n_layer=24, n_head=32, n_embd=2048, seq_len=1024, vocab=50257),
 }
 
-# Datasheet peaks, dense (no 2:4 sparsity): bf16 tensor-core FLOP/s and memory bandwidth (bytes/s).
-# Matched against torch.cuda.get_device_name() in order: the first substring (all of them) that fits.
+# Datasheet peaks, dense (no 2:4 sparsity): bf16 tensor-core FLOP/s and memory bandwidth (bytes/s). Matched
+# against torch.cuda.get_device_name() in order: the first entry whose substrings all occur.
 GPUS = [
     (("H100", "PCIe"), "H100 PCIe", 756e12, 2.0e12),
     (("H100", "NVL"), "H100 NVL", 835e12, 3.9e12),
@@ -42,7 +33,6 @@ GPUS = [
     (("L40S",), "L40S", 362e12, 0.864e12),
     (("L4",), "L4", 121e12, 0.3e12),
 ]
-H100_SXM = {"name": "H100 SXM", "peak_flops": 989e12, "mem_bw": 3.35e12}
 
 
 def known_gpu(name):
@@ -51,6 +41,9 @@ def known_gpu(name):
         if all(k in name for k in keys):
             return {"name": label, "peak_flops": flops, "mem_bw": bw}
     return None
+
+
+H100_SXM = known_gpu("H100 SXM")
 
 
 def sync(device):
@@ -62,10 +55,9 @@ def sync(device):
 
 
 def measure(fn, device, runs=5, warmup=1, warmup_fn=None):
-    """Time fn() `runs` times after `warmup` untimed calls of warmup_fn (default fn).
-    Returns ({"ms_median", "ms_min", "ms_max", "runs", "peak_mem_mb"}, last output of fn).
-    peak_mem_mb: the CUDA allocator's peak during the timed runs (weights included); None elsewhere,
-    where torch keeps no allocator statistics."""
+    """Time fn() `runs` times after `warmup` untimed calls of warmup_fn (default fn) -> ({"ms_median", "ms_min",
+    "ms_max", "runs", "peak_mem_mb"}, fn's last output). peak_mem_mb: the CUDA allocator's peak during the timed
+    runs (weights included); None off CUDA, where torch keeps no allocator statistics."""
     for _ in range(warmup):
         (warmup_fn or fn)()
     sync(device)
@@ -91,10 +83,9 @@ def matmul_flops(device, dtype=torch.float32, n=2048, runs=5):
 
 
 class CachedDecoder(nn.Module):
-    """One AR decode step, (token (B, 1), input_pos (1,)) -> logits (B, 1, V), with the KV cache held
-    as a submodule. Compiled, the cache's buffers are module state at fixed addresses, so CUDA graphs
-    (mode="reduce-overhead") can capture the in-place writes; they would skip a graph whose input
-    tensors are mutated, which is what the cache is when passed in as an argument."""
+    """One AR decode step, (token (B, 1), input_pos (1,)) -> logits (B, 1, V), the KV cache a submodule: compiled,
+    its buffers are module state at fixed addresses, so CUDA graphs ("reduce-overhead") capture the in-place
+    writes; they would skip a graph whose mutated tensors are inputs, as the cache is when passed as an argument."""
 
     def __init__(self, model, cache):
         super().__init__()
@@ -112,12 +103,13 @@ def make_decode(model, cache, mode=None):
         step = torch.compile(step, mode=None if mode == "default" else mode, fullgraph=True)
     graphs = mode == "reduce-overhead" and hasattr(torch.compiler, "cudagraph_mark_step_begin")
 
+    owned = cache
+
     def decode(idx, input_pos, cache=None):
-        assert cache is None or cache is step_cache, "this decode step owns its cache"
+        assert cache is None or cache is owned, "this decode step owns its cache"
         if graphs:  # a new step: the previous replay's output may be overwritten (we copied what we need)
             torch.compiler.cudagraph_mark_step_begin()
         return step(idx, input_pos)
-    step_cache = cache
     return decode
 
 
@@ -131,38 +123,27 @@ def cudagraph_skips():
 
 
 def weight_params(n_layer, n_embd, vocab_size):
-    """Parameters a forward pass reads, by shape: per block the qkv, proj, fc, out matrices and their
-    biases (12 d^2 + 9 d) and two LayerNorms (4 d), the final LayerNorm (2 d) and the untied output
-    head (V d); not the input embedding (a lookup). Equals Transformer.num_params(non_embedding=True)
-    (tests check it), i.e. what estimate_flops_per_token counts, without building a model."""
-    d = n_embd
+    """Parameters a forward pass reads (the embedding lookup excluded), without building a model: equals
+    Transformer.num_params(non_embedding=True), what estimate_flops_per_token counts (tested)."""
+    d = n_embd  # per block: qkv, proj, fc, out (12 d^2 + 9 d) and two LayerNorms (4 d); final LayerNorm; head
     return n_layer * (12 * d * d + 13 * d) + 2 * d + vocab_size * d
 
 
 def roofline(weight_params, n_layer, n_embd, seq_len, batch, steps, peak_flops, mem_bw, bytes_per_el=2):
-    """Ideal time (every unit at 100% of its peak) to sample a batch of seq_len-token sequences.
-
-    weight_params: parameters read by a forward pass, i.e. every matmul weight (embedding lookup
-    excluded, output head included), as in Transformer.estimate_flops_per_token.
-    AR with a KV cache, one token per step: at step p (p = 1..L keys in the cache, itself included)
-      FLOPs = batch * (2 * W + 4 * n_layer * p * d)      (2 per weight; attention scores + values)
-      bytes = W * b + 2 * n_layer * batch * p * d * b    (weights once, keys and values of p positions)
-    and the step takes max(FLOPs / peak, bytes / bandwidth): at small batch the bytes win, so AR
-    decoding is bound by reading the weights once per token.
-    Diffusion, `steps` full passes over (batch, L) tokens:
-      FLOPs = batch * L * (2 * W + 4 * n_layer * L * d) per pass, bytes = W * b per pass (activations
-    stay small next to the weights' traffic at this size): compute bound.
-    Returns seconds for each, the predicted speed-up of diffusion (ratio = ar_s / diffusion_s) and
-    which resource bounds each side."""
+    """Ideal time (every unit at its peak) to sample a batch of seq_len-token sequences, AR vs diffusion; each
+    step takes max(FLOPs / peak, bytes / bandwidth). AR with a KV cache reads the weights once per token, so at
+    small batch it is memory bound; a diffusion pass reads them once for batch * L tokens: compute bound.
+    weight_params: what a forward pass reads (see weight_params). Returns both times, ratio = ar_s / diffusion_s
+    and each side's bound."""
     W, d, b = weight_params, n_embd, bytes_per_el
     ar_s, ar_memory_steps = 0.0, 0
-    for p in range(1, seq_len + 1):
-        t_flops = batch * (2 * W + 4 * n_layer * p * d) / peak_flops
-        t_bytes = (W * b + 2 * n_layer * batch * p * d * b) / mem_bw
+    for p in range(1, seq_len + 1):  # p keys in the cache, this token's included
+        t_flops = batch * (2 * W + 4 * n_layer * p * d) / peak_flops  # 2 per weight; attention scores + values
+        t_bytes = (W * b + 2 * n_layer * batch * p * d * b) / mem_bw  # weights once, keys and values of p positions
         ar_s += max(t_flops, t_bytes)
         ar_memory_steps += t_bytes >= t_flops
     pass_flops = batch * seq_len * (2 * W + 4 * n_layer * seq_len * d)
-    t_flops, t_bytes = pass_flops / peak_flops, W * b / mem_bw
+    t_flops, t_bytes = pass_flops / peak_flops, W * b / mem_bw  # activations are small next to the weights
     diffusion_s = steps * max(t_flops, t_bytes)
     return {"ar_s": ar_s, "diffusion_s": diffusion_s, "ratio": ar_s / diffusion_s,
             "ar_bound": "memory" if ar_memory_steps > seq_len / 2 else "compute",
@@ -173,23 +154,18 @@ def roofline(weight_params, n_layer, n_embd, seq_len, batch, steps, peak_flops, 
 def crossover(rows):
     """Where diffusion stops being faster than the cached AR sampler, per batch size.
 
-    rows: dicts with "sampler" ("diffusion", "ar_cache", ...), "batch", "steps", "nfe", "ms_median".
-    For each batch size the AR reference is its fastest "ar_cache" row (eager or compiled), and a
-    diffusion step count takes its fastest row. Returns {str(batch): None (nothing to compare) or
-      {"max_steps_faster": largest measured step count with diffusion faster (None: never),
-       "ar_ms": the reference, "steps_measured": [...],
-       "beyond_range": True when diffusion is faster even at the largest measured step count,
-       "parity_nfe": NFE at which a least-squares line ms = a + b * NFE through the diffusion rows
-                     reaches ar_ms (None with fewer than two distinct NFE)}}.
-    Keys are strings because the result goes into JSON."""
+    rows: dicts with "sampler" ("diffusion", "ar_cache", ...), "batch", "steps", "nfe", "ms_median". Per batch
+    size the reference ar_ms is the fastest "ar_cache" row (eager or compiled), and each diffusion step count its
+    fastest row. Returns {str(batch) (for JSON): None (nothing to compare) or {"max_steps_faster" (None: never),
+    "ar_ms", "steps_measured", "beyond_range" (faster even at the most steps measured), "parity_nfe" (where a
+    least-squares line ms = a + b * NFE through the diffusion rows reaches ar_ms; None: < 2 distinct NFE)}}."""
     out = {}
     for batch in sorted({r["batch"] for r in rows}):
         ar = [r["ms_median"] for r in rows if r["batch"] == batch and r["sampler"] == "ar_cache"]
         best = {}  # steps -> the fastest diffusion row
-        for r in rows:
-            if r["batch"] == batch and r["sampler"] == "diffusion":
-                if r["steps"] not in best or r["ms_median"] < best[r["steps"]]["ms_median"]:
-                    best[r["steps"]] = r
+        for r in (r for r in rows if r["batch"] == batch and r["sampler"] == "diffusion"):
+            if r["steps"] not in best or r["ms_median"] < best[r["steps"]]["ms_median"]:
+                best[r["steps"]] = r
         if not ar or not best:
             out[str(batch)] = None
             continue

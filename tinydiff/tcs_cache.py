@@ -1,26 +1,16 @@
 """Where TCS targets are kept, and the windows they belong to (docs/tcs.md).
 
-Targets depend only on the window, so TCS draws its windows on a fixed chunk grid over train.bin
-(offsets k*L, grid_batch), optionally only from a fixed set of N chunks (fixed_chunks). TargetCache
-keeps the targets of the windows met so far in memory (the teacher work for a chunk is done once per
-run); DiskTargets precomputes those of a fixed set to disk, once across runs.
+Targets depend only on the window, so TCS draws windows on a fixed chunk grid over train.bin (offsets k*L:
+grid_batch), optionally from a fixed set of N chunks only (fixed_chunks). TargetCache keeps the targets of the
+windows met so far in memory (teacher work once per chunk and run). DiskTargets computes those of a fixed set
+once across runs (epochs, lambdas, seeds, students), as accurate estimators (topk, exact) cost far more teacher
+work per window than a training step: shards under ROOT/<key>/, all loaded into memory (N * L * K' * 8 bytes).
 
-DiskTargets. An accurate estimator (`topk`, `exact`) costs far more teacher work per window than a
-training step. DiskTargets computes the targets of every window of a fixed set once and keeps them in
-shards under ROOT/<key>/, so every later run with the same key reuses them: other epochs, runs, lambda
-values, seeds and students. A run loads them all into memory (N * L * K' * 8 bytes).
-
-The key is a sha256 of everything the targets depend on: the teacher's weights (a hash of the tensors
-it runs with, and its config), the estimator settings (estimator, topk, window, candidates, BOS id,
-TARGETS_VERSION), and the windows themselves (their length and tokens: the data's content and which
-chunks were picked). Another teacher, setting or data set gives another folder; ROOT/<key>/meta.json
-says in words what the key was made of.
-
-Each shard holds SHARD consecutive windows' targets, {"key", "shard", "rows", "ids" int32 (n, L, K'),
-"logp" fp32 (n, L, K'), "digest"}, written to a temp file and moved into place (save_checkpoint), so
-an interrupted precompute leaves whole shards only and the next run computes the missing ones
-(resume). A shard that does not load, belongs to another key or rows, or whose digest does not match
-its tensors is ignored and recomputed.
+The key is a sha256 of everything the targets depend on: the teacher (a hash of its tensors, its config), the
+estimator settings, TARGETS_VERSION and the windows (length and tokens); ROOT/<key>/meta.json says it in words.
+A shard holds SHARD consecutive windows, {"key", "shard", "rows", "ids" int32 (n, L, K'), "logp" fp32 (n, L, K'),
+"digest"}, written atomically (save_checkpoint): an interrupted precompute resumes with the missing shards, and a
+shard that does not load, belongs to another key or rows, or fails its digest is recomputed.
 """
 import hashlib
 import json
@@ -55,9 +45,8 @@ def window_key(row):
 class DiskTargets:
     """Sparse targets of a fixed set of windows (N, L), precomputed to ROOT/<key>/ and served by tokens.
 
-    compute(x (B, L)) -> (ids (B, L, K'), logp (B, L, K')) is the teacher work; settings (a JSON-able
-    dict) the estimator settings and teacher identity that, with the windows, make the key.
-    Call prepare() once (computes what is missing, then loads everything), then cache(x)."""
+    compute(x (B, L)) -> (ids (B, L, K'), logp (B, L, K')) is the teacher work; settings (JSON-able) what the
+    targets depend on besides the windows. Call prepare() once, then targets(x)."""
 
     def __init__(self, root, windows, settings, compute, shard=64):
         self.windows = windows.cpu().long()  # (N, L)
@@ -86,8 +75,8 @@ class DiskTargets:
             return None
 
     def prepare(self, batch_size=16):
-        """Compute every shard that is missing or invalid (progress bar; interrupting it loses at most the
-        shard in progress), then load all targets into memory. Returns self."""
+        """Compute the missing or invalid shards (an interruption loses at most the shard in progress), then
+        load all targets into memory. Returns self."""
         if not (self.dir / "meta.json").exists():
             commit_files({self.dir / "meta.json": (json.dumps(self.info, indent=2) + "\n").encode()})
         N, parts = len(self.windows), []
@@ -96,8 +85,7 @@ class DiskTargets:
                 rows = range(a, min(N, a + self.shard))
                 part = self._load_shard(s, rows)
                 if part is None:
-                    outs = [self.compute(self.windows[b:min(rows.stop, b + batch_size)])
-                            for b in range(rows.start, rows.stop, batch_size)]
+                    outs = [self.compute(w) for w in self.windows[rows.start:rows.stop].split(batch_size)]
                     ids = torch.cat([o[0] for o in outs]).to("cpu", torch.int32)  # (n, L, K')
                     logp = torch.cat([o[1] for o in outs]).to("cpu", torch.float32)  # (n, L, K')
                     save_checkpoint({"key": self.key, "shard": s, "rows": list(rows), "ids": ids, "logp": logp,
@@ -105,18 +93,17 @@ class DiskTargets:
                     part, self.computed = (ids, logp), self.computed + len(rows)
                 parts.append(part)
                 bar.update(len(rows))
-        self.ids = torch.cat([p[0] for p in parts])  # (N, L, K')
-        self.logp = torch.cat([p[1] for p in parts])  # (N, L, K')
+        self.ids, self.logp = (torch.cat([p[j] for p in parts]) for j in (0, 1))  # (N, L, K') each
         self.row = {window_key(w): r for r, w in enumerate(self.windows.numpy())}
         return self
 
     def __call__(self, x):
-        """Targets of windows x (B, L), on x's device: from the disk set, or computed for a window outside it."""
+        """Targets of windows x (B, L) on x's device; a batch with a window outside the set goes to the teacher."""
         rows = [self.row.get(window_key(w)) for w in x.cpu().numpy()]  # one host copy per batch
         missing = rows.count(None)
         self.hits, self.misses = self.hits + len(rows) - missing, self.misses + missing
         if missing:
-            return self.compute(x)  # a window outside the fixed set: the teacher, every time
+            return self.compute(x)
         r = torch.tensor(rows)
         return self.ids[r].to(x.device, torch.long), self.logp[r].to(x.device)
 
@@ -125,11 +112,9 @@ class DiskTargets:
                 "misses": self.misses, "mb": (self.ids.numel() * 8 if self.ids is not None else 0) / 2 ** 20}
 
 
-# ----------------------------------------------------------------------------- in memory, and the chunk grid
-
 class TargetCache:
-    """Sparse targets of every window seen, keyed by its tokens (so the key is the chunk), on the CPU.
-    Stops adding (but keeps serving) once max_bytes is reached."""
+    """Sparse targets of every window met, keyed by its tokens (so by chunk), on the CPU; stops adding (but
+    keeps serving) once max_bytes is reached."""
 
     def __init__(self, compute, max_bytes=1 << 30):
         self.compute, self.max_bytes = compute, max_bytes
@@ -138,41 +123,29 @@ class TargetCache:
     def __call__(self, x):
         """x (B, L) -> (ids (B, L, K'), logp (B, L, K')) on x's device; computes only the misses."""
         keys = [r.tobytes() for r in x.cpu().numpy()]
-        miss = [b for b, k in enumerate(keys) if k not in self.store]
         hit = [b for b, k in enumerate(keys) if k in self.store]
+        miss = [b for b, k in enumerate(keys) if k not in self.store]
         self.hits, self.misses = self.hits + len(hit), self.misses + len(miss)
-        if not miss:
-            return self._stack([keys[b] for b in hit], x.device)
-        ids, logp = self._compute(x[miss])  # (b, L, K') each, b = #misses
-        self._keep([keys[b] for b in miss], ids, logp)
-        if not hit:
-            return ids, logp
-        cached_ids, cached_logp = self._stack([keys[b] for b in hit], x.device)
-        out_ids = torch.empty((len(keys),) + ids.shape[1:], dtype=torch.long, device=x.device)  # (B, L, K')
-        out_logp = torch.empty((len(keys),) + logp.shape[1:], dtype=logp.dtype, device=x.device)  # (B, L, K')
-        out_ids[miss], out_logp[miss] = ids, logp
-        out_ids[hit], out_logp[hit] = cached_ids, cached_logp
-        return out_ids, out_logp
-
-    def _stack(self, keys, device):
-        ids = torch.stack([self.store[k][0] for k in keys]).to(device, torch.long)  # (b, L, K')
-        logp = torch.stack([self.store[k][1] for k in keys]).to(device)  # (b, L, K')
-        return ids, logp
-
-    def _compute(self, x):
+        if hit:
+            hit_ids = torch.stack([self.store[keys[b]][0] for b in hit]).to(x.device, torch.long)  # (h, L, K')
+            hit_logp = torch.stack([self.store[keys[b]][1] for b in hit]).to(x.device)  # (h, L, K')
+            if not miss:
+                return hit_ids, hit_logp
         t0 = time.perf_counter()
-        out = self.compute(x)
+        ids, logp = self.compute(x[miss])  # (m, L, K') each
         self.seconds += time.perf_counter() - t0
-        return out
-
-    def _keep(self, keys, ids, logp):
-        ids_c, logp_c = ids.to("cpu", torch.int32), logp.cpu()
-        for k, i, lp in zip(keys, ids_c, logp_c):
+        for b, i, lp in zip(miss, ids.to("cpu", torch.int32), logp.cpu()):
             size = i.numel() * 4 + lp.numel() * lp.element_size()
             if self.nbytes + size > self.max_bytes:
-                return
-            self.store[k] = (i.clone(), lp.clone())  # clone: do not pin the whole batch's storage
+                break
+            self.store[keys[b]] = (i.clone(), lp.clone())  # clone: do not pin the whole batch's storage
             self.nbytes += size
+        if not hit:
+            return ids, logp
+        out_ids = torch.empty((len(keys),) + ids.shape[1:], dtype=torch.long, device=x.device)  # (B, L, K')
+        out_logp = torch.empty((len(keys),) + logp.shape[1:], dtype=logp.dtype, device=x.device)  # (B, L, K')
+        out_ids[miss], out_logp[miss], out_ids[hit], out_logp[hit] = ids, logp, hit_ids, hit_logp
+        return out_ids, out_logp
 
     def stats(self):
         return {"chunks": len(self.store), "hits": self.hits, "misses": self.misses, "mb": self.nbytes / 2 ** 20,
@@ -180,22 +153,19 @@ class TargetCache:
 
 
 def grid_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu", chunks=None):
-    """Like data.get_batch, but windows start on the fixed chunk grid 0, L, 2L, ... of the split, so a
-    window's TCS targets can be cached and reused in later epochs; chunks (n,): draw only from these."""
+    """Like data.get_batch, but windows start on the chunk grid 0, L, 2L, ... of the split, so their TCS
+    targets can be reused in later epochs; chunks (n,): draw only from these."""
     data = _open_split(data_dir, split)
     n_chunks = len(data) // seq_len
     if n_chunks < 1:
         raise DataError(f"{split} split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}")
-    if chunks is None:
-        ix = torch.randint(n_chunks, (batch_size,), generator=generator) * seq_len  # (B,) chunk starts
-    else:
-        ix = chunks[torch.randint(len(chunks), (batch_size,), generator=generator)] * seq_len  # (B,)
-    return windows_at(data, ix, seq_len, device)
+    pick = torch.randint(n_chunks if chunks is None else len(chunks), (batch_size,), generator=generator)  # (B,)
+    return windows_at(data, (pick if chunks is None else chunks[pick]) * seq_len, seq_len, device)  # chunk starts
 
 
 def fixed_chunks(data_dir, seq_len, n):
-    """A fixed training set: n chunks of the train split's grid, evenly spaced over it (all of them when
-    n >= the grid's size), (n,) int64. The same for every run on this data and seq_len."""
+    """A fixed training set, the same for every run on this data and seq_len: n chunks evenly spaced over the
+    train split's grid (all of them when n >= its size), (n,) int64."""
     n_chunks = len(_open_split(data_dir, "train")) // seq_len
     if n_chunks < 1:
         raise DataError(f"the train split of {data_dir} is shorter than seq_len = {seq_len}")
@@ -206,18 +176,17 @@ def fixed_chunks(data_dir, seq_len, n):
 
 def target_settings(teacher, config, bos_id, estimator, topk, window, candidates):
     """What a teacher's stored targets depend on besides the windows (part of DiskTargets' key)."""
-    top = estimator == "topk"
+    top = estimator == "topk"  # window and candidates matter to topk only
     return {"teacher_sha256": tensor_hash(teacher.state_dict()), "teacher_config": config, "bos_id": bos_id,
-            "estimator": estimator, "topk": topk, "window": window if top else None, "candidates": candidates if top
-            else None}
+            "estimator": estimator, "topk": topk, "window": window if top else None,
+            "candidates": candidates if top else None}
 
 
 def target_store(compute, data_dir, seq_len, fixed=0, cache_dir=None, cache_mb=1024, batch_size=16, settings=None):
-    """Where a TCS run's targets come from: compute(x (B, L)) -> (ids, logp), served once per window.
-    fixed > 0: training draws from `fixed` chunks of the grid (fixed_chunks), whose targets are precomputed to
-    cache_dir/<key>/ (default DATA_DIR/tcs_targets; settings: what they depend on besides the windows) unless
-    cache_dir is 'none'; else every window met is kept in memory up to cache_mb MiB (0: none). Returns
-    (targets, chunks): a callable like compute (with stats() when it caches), and the chunks (None: all)."""
+    """Where a TCS run's targets come from -> (targets, chunks): a callable like compute (with stats() when it
+    caches), and the chunks training draws from (None: all). fixed > 0 (and settings given): `fixed` chunks,
+    their targets precomputed to cache_dir (default DATA_DIR/tcs_targets) unless cache_dir is 'none'; else
+    every window met is kept in memory up to cache_mb MiB (0: none)."""
     chunks = fixed_chunks(data_dir, seq_len, fixed) if fixed > 0 else None
     if chunks is not None and str(cache_dir or "").lower() != "none" and settings is not None:
         windows = windows_at(_open_split(data_dir, "train"), chunks * seq_len, seq_len)  # (N, L)
