@@ -16,7 +16,8 @@ import torch
 from conftest import gpt2_or_skip
 from tinydiff import bpe, data
 from tinydiff.data import (BPETokenizer, DataError, get_batch, get_tokenizer, load_meta, load_tokenizer, prepare,
-                           prepare_for, stdlib_files, tokenizer_from_spec, val_windows)
+                           prepare_for, tokenizer_from_spec, val_windows)
+from tinydiff.sources import stdlib_files
 
 TEXT = "".join(f"line {i}: héllo wörld ✓ 日本語 {'x' * (i % 7)}\n" for i in range(200))
 

@@ -1,23 +1,11 @@
 """A byte-level BPE vocabulary learned from a corpus (Sennrich et al. 2016; byte-level as GPT-2, Radford et al. 2019).
 
-Ids 0..255 are the 256 bytes; merge i joins two existing ids (a, b) into the new id 256 + i, whose
-bytes are bytes(a) + bytes(b). Text is first cut into pre-tokens by GPT-2's regex (a word with its
-leading space, a run of digits, a run of punctuation, a run of whitespace), and merges never cross
-a pre-token boundary, so a token is a word piece, an operator run or an indentation run, never
-"x = y".
-
-The trainer (learn_merges) counts the distinct pre-tokens once; from then on it works on those
-(~10^5 distinct words for the 11 MB standard library, not 3M occurrences): each word is a list of
-ids with its count. It keeps the count of every adjacent pair (weighted by word counts) and, for
-each pair, the words it occurs in. A merge rewrites only those words and updates the counts of the
-pairs they lose and gain, so one merge costs the size of the words it touches, not of the corpus.
-The most frequent pair comes from a heap with lazy deletion: a pair is pushed again whenever its
-count changes, and an entry whose count is no longer current is dropped when it surfaces. Ties go
-to the pair with the smallest ids, so the same corpus always gives the same merges.
-
-Encoding and decoding go through tiktoken (`ranks` -> tiktoken.Encoding): it applies the merges in
-rank order to each pre-token, in Rust, so 11 MB tokenise in seconds.
-"""
+Ids 0..255 are the bytes; merge i joins two ids (a, b) into id 256 + i. Merges never cross GPT-2's pre-token
+boundaries (a word with its leading space, a digit run, a punctuation run, a whitespace run). The trainer works
+on the distinct pre-tokens with their counts and keeps, per adjacent pair, its weighted count and the words it
+occurs in: a merge rewrites only those words, so it costs the size of the words it touches, not of the corpus.
+The most frequent pair comes from a heap with lazy deletion; ties go to the smallest ids (deterministic).
+Encoding goes through tiktoken (`ranks` -> tiktoken.Encoding), in Rust."""
 import heapq
 from collections import Counter, defaultdict
 

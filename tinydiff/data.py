@@ -1,36 +1,10 @@
-"""Preparing a corpus (documents from tinydiff/sources.py -> uint16 .bin files) and drawing batches from it.
+"""Preparing a corpus (documents from sources.py -> uint16 .bin files) and drawing batches from it.
 
-On disk, one folder per (source content, tokenizer) under ROOT (default ./data, gitignored):
-
-    ROOT/<name>-<tokenizer>-<key>/train.bin   uint16 token ids, every document followed by the eot id
-    ROOT/<name>-<tokenizer>-<key>/val.bin     same layout, the held-out documents
-    ROOT/<name>-<tokenizer>-<key>/meta.json   tokenizer, vocab_size, eot_id, token/document counts, source,
-                                              source_hash, key
-    ROOT/<name>-bpe<V>-<key>/bpe.json         bpe only: the merges learned from this source's train split
-
-Tokenizers (bytes, gpt2, a BPE learned from the corpus, the lab's own) live in tinydiff/tokenizers.py.
-
-<name> is 'stdlib', 'shakespeare', 'owt', 'tinystories', or for a local path its sanitized name plus
-8 hex chars of a hash of its absolute path. <key> = 12 hex chars of a hash of the source's content
-(for 'owt' / 'tinystories': their recipe in sources.HF_SOURCES) and the tokenizer: the folder is keyed
-by what it holds. prepare() hashes the source and reuses the folder of that key when it exists; when
-the file was edited, the new content gets a new folder and the old one stays as it was, so a running
-job (which keeps reading its folder) never sees its data change, and a checkpoint records the folder
-and key it was trained on (checkpoint_data finds it again). A folder is written as a hidden temp
-folder and renamed into place in one step: it appears complete or not at all, is never written again
-once there, and a failing or killed prepare leaves nothing that looks like a dataset (temp folders of
-killed prepares are removed by the next prepare on the same machine).
-
-Sources (tinydiff/sources.py): 'stdlib' (the running interpreter's standard library, the default
-offline corpus), 'shakespeare' (tiny shakespeare, downloaded once), a path to a text file or a folder
-of them, and the Hugging Face datasets 'owt' (OpenWebText, the MDLM/SDTT corpus) and 'tinystories'
-(`pip install datasets`; downloaded once into its cache), and 'lab' / 'lab:W=256,delta=0.02,...' (the exact
-synthetic language of tinydiff/lab/language.py, with its own `labA` tokenizer: each split is ONE stationary chain
-written as it is, with no separators added, so every window is an exact sample of the lab's law; meta.json
-records the parameters). prepare_documents() takes any documents
-(a datasets.Dataset with a "text" column, a list of dicts or of strings) for a corpus of your own.
-Tokenisation runs in a multiprocessing Pool for large corpora (OpenWebText: 8M documents, ~9B tokens)
-and streams to disk, so the text never sits in memory all at once.
+ROOT/<name>-<tokenizer>-<key>/ (ROOT default ./data) holds train.bin and val.bin (uint16 ids, each document
+followed by the eot id), meta.json, and for bpe the learned merges (bpe.json). <key> hashes the source's content
+(HF sources: their recipe) and the tokenizer: an edited source gets a new folder and the old one stays, so a
+running job never sees its data change and a checkpoint finds its folder again (checkpoint_data). A folder is
+written as a hidden temp folder and renamed into place: complete or absent, and never written again.
 """
 import hashlib
 import json
@@ -47,12 +21,10 @@ import torch
 from tqdm import tqdm
 
 from . import bpe
-from .common import DataError, commit_files, pid_alive, tokenizer_key  # noqa: F401 (tokenizer_key: re-exported)
+from .common import DataError, commit_files, pid_alive
 from .dist import rank0_first
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
-from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
-from .tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, GPT2Tokenizer,  # noqa: F401 (re-exported)
-                         Tokenizer, get_tokenizer, tokenizer_from_spec)
+from .tokenizers import BPETokenizer, get_tokenizer, tokenizer_from_spec
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -69,8 +41,7 @@ def _lab_params(source):
 
 
 def default_tokenizer(source):
-    """The tokenizer a source gets when none is asked for: the lab its own, every other source a BPE learned
-    from its training split (--vocab_size ids; docs/tokenizers.md)."""
+    """The lab gets its own tokenizer, every other source a BPE learned from its training split."""
     params = _lab_params(source)
     return "bpe" if params is None else f"lab{params.A}"
 
@@ -95,6 +66,41 @@ def load_tokenizer(data_dir):
 
 META_VERSION = 1  # bump when the layout or the split rules change, so old folders are rebuilt
 KEY_CHARS = 12  # hex chars of the content key in a folder name
+CHUNK_DOCS = 512  # documents per tokenisation task
+BPE_LEARN_BYTES = 64 * 2 ** 20  # bpe merges are learned from (at most) the first 64 MiB of the training split
+
+
+def _recipe(tokenizer_name, vocab_size):
+    """(folder suffix, meta fields) of a tokenizer, known before a bpe one is learned (to find its folder)."""
+    if tokenizer_name != "bpe":
+        tok = get_tokenizer(tokenizer_name)
+        assert tok.vocab_size <= 2 ** 16, "token ids are stored as uint16"
+        return tok.name, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    if not isinstance(vocab_size, int) or not 258 <= vocab_size <= 2 ** 16:
+        raise DataError(f"--tokenizer bpe needs a --vocab_size between 258 and 65536 (got {vocab_size}), e.g. 4096")
+    return f"bpe{vocab_size}", {"tokenizer": "bpe", "vocab_size": vocab_size, "eot_id": vocab_size - 1,
+                                "bpe_trainer": bpe.VERSION}
+
+
+def _meta(tok_meta, where, source_hash):
+    """What identifies a dataset; key hashes the tokenizer's recipe and the content (a bpe tokenizer is a
+    deterministic function of the content, its size and the trainer's version)."""
+    tok_id = f"{tok_meta['tokenizer']}/{tok_meta['vocab_size']}/{tok_meta.get('bpe_trainer', '')}"
+    key = hashlib.sha256(f"{META_VERSION}/{tok_id}/{source_hash}".encode()).hexdigest()[:KEY_CHARS]
+    return {"version": META_VERSION, **tok_meta, "source": where, "source_hash": source_hash, "key": key}
+
+
+def _folder(root, name, suffix, meta):
+    return Path(root) / f"{name}-{suffix}-{meta['key']}"
+
+
+def _is_complete(out):
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        return ((out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _is_prepared(out, meta_want):
@@ -103,12 +109,8 @@ def _is_prepared(out, meta_want):
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return (all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "key")) and _is_complete(out)
-            and (meta["tokenizer"] != "bpe" or (out / "bpe.json").is_file()))
-
-
-CHUNK_DOCS = 512  # documents per tokenisation task
-_WORKER_TOK = None  # the tokenizer of a Pool worker process
+    return (all(meta.get(k) == meta_want[k] for k in ("version", "tokenizer", "vocab_size", "key"))
+            and _is_complete(out) and (meta["tokenizer"] != "bpe" or (out / "bpe.json").is_file()))
 
 
 def _encode(tok, texts):
@@ -120,6 +122,9 @@ def _encode(tok, texts):
     return np.array(ids, dtype=np.uint16)  # (tokens,)
 
 
+_WORKER_TOK = None  # the tokenizer of a Pool worker process
+
+
 def _init_worker(tokenizer_spec):
     global _WORKER_TOK
     _WORKER_TOK = tokenizer_from_spec(tokenizer_spec)
@@ -129,57 +134,72 @@ def _encode_in_worker(texts):
     return _encode(_WORKER_TOK, texts)
 
 
-def _token_chunks(docs, tok, num_proc, desc):
-    """Yield the documents' tokens as uint16 arrays, CHUNK_DOCS documents at a time, in document order
-    (so the result does not depend on num_proc). With num_proc > 1 a Pool encodes the chunks; at most
-    2 * num_proc are in flight, which bounds memory however large the corpus."""
-    n = len(docs)
-    bounds = [(a, min(a + CHUNK_DOCS, n)) for a in range(0, n, CHUNK_DOCS)]
-    with tqdm(total=n, desc=desc, unit="doc", disable=n < 2) as bar:
-        if num_proc <= 1 or len(bounds) < 2:
-            for a, b in bounds:
-                yield _encode(tok, doc_texts(docs, a, b))
-                bar.update(b - a)
-            return
-        with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.spec(),)) as pool:
-            pending = deque()
-            for a, b in bounds:
-                pending.append((b - a, pool.apply_async(_encode_in_worker, (doc_texts(docs, a, b),))))
-                if len(pending) >= 2 * num_proc:
-                    k, result = pending.popleft()
-                    yield result.get()
-                    bar.update(k)
-            while pending:
+def _token_chunks(docs, tok, num_proc):
+    """Yield (documents, tokens) CHUNK_DOCS documents at a time, in document order (so the result does not depend
+    on num_proc). At most 2 * num_proc chunks are in flight in the Pool: memory stays bounded."""
+    bounds = [(a, min(a + CHUNK_DOCS, len(docs))) for a in range(0, len(docs), CHUNK_DOCS)]
+    if num_proc <= 1 or len(bounds) < 2:
+        for a, b in bounds:
+            yield b - a, _encode(tok, doc_texts(docs, a, b))
+        return
+    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tok.spec(),)) as pool:
+        pending = deque()
+        for i, (a, b) in enumerate(bounds):
+            pending.append((b - a, pool.apply_async(_encode_in_worker, (doc_texts(docs, a, b),))))
+            while pending and (len(pending) >= 2 * num_proc or i == len(bounds) - 1):
                 k, result = pending.popleft()
-                yield result.get()
-                bar.update(k)
+                yield k, result.get()
 
 
 def _write_tokens(path, docs, tok, num_proc, desc):
-    """Stream the documents' tokens to `path` (uint16, each document followed by eot); returns the token count."""
+    """Stream the documents' tokens to `path`; returns the token count."""
     n = 0
-    with open(path, "wb") as f:
-        for ids in _token_chunks(docs, tok, num_proc, desc):
+    with open(path, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc", disable=len(docs) < 2) as bar:
+        for k, ids in _token_chunks(docs, tok, num_proc):
             f.write(ids.tobytes())
             n += len(ids)
+            bar.update(k)
         f.flush()
         os.fsync(f.fileno())
     return n
 
 
-def _source_hash(train_docs, val_docs):
-    """Identifies the documents: datasets' own fingerprints when both have one, else a hash of the text."""
-    if hasattr(train_docs, "_fingerprint") and hasattr(val_docs, "_fingerprint"):
-        return hashlib.sha256(f"{train_docs._fingerprint}/{val_docs._fingerprint}".encode()).hexdigest()
-    return hash_documents(doc_texts(train_docs, 0, len(train_docs)), doc_texts(val_docs, 0, len(val_docs)))
+def _learn_texts(docs):
+    """The training documents' texts, up to BPE_LEARN_BYTES characters in all."""
+    seen = 0
+    for a in range(0, len(docs), CHUNK_DOCS):
+        for text in doc_texts(docs, a, min(a + CHUNK_DOCS, len(docs))):
+            yield text
+            seen += len(text)
+            if seen >= BPE_LEARN_BYTES:
+                return
+
+
+def _make_tokenizer(meta, train_docs):
+    """The tokenizer meta describes: bytes / gpt2 by name; bpe learned here from the training documents."""
+    if meta["tokenizer"] != "bpe":
+        return get_tokenizer(meta["tokenizer"])
+    t0 = time.time()
+    tok = BPETokenizer.learn(_learn_texts(train_docs), meta["vocab_size"])
+    if tok.vocab_size < meta["vocab_size"]:
+        raise DataError(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is merged): "
+                        f"use --vocab_size {tok.vocab_size} or less, or a bigger corpus")
+    print(f"learned {len(tok.merges)} bpe merges from the training split in {time.time() - t0:.1f}s")
+    return tok
+
+
+def _remove_stale_temps(root):
+    """Remove temp folders of prepares killed on this machine (their process is gone)."""
+    host = socket.gethostname()
+    for tmp in Path(root).glob(f".*.tmp-{host}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_dataset(out, meta, train_docs, val_docs, num_proc, source):
-    """Make the tokenizer (bpe: learn it), tokenize both splits into a temp folder beside out/ (with bpe.json),
-    then rename it to out/ in one step: out/ appears complete or not at all, and a folder that exists is
-    never written again (a running job may read it)."""
+    """Make the tokenizer (bpe: learn it), tokenize both splits into a temp folder, rename it to out/ in one step."""
     tok = _make_tokenizer(meta, train_docs)
-    files = {}
     if num_proc is None:  # a Pool pays off only for many documents
         num_proc = min(os.cpu_count() or 1, 32) if len(train_docs) >= 8 * CHUNK_DOCS else 1
     _remove_stale_temps(out.parent)
@@ -198,10 +218,12 @@ def _write_dataset(out, meta, train_docs, val_docs, num_proc, source):
                             f"{n_val_text} val tokens; use a text file/folder with more text (or --data stdlib)")
         meta.update(train_tokens=n_train, val_tokens=n_val, n_documents=len(train_docs) + len(val_docs),
                     n_train_documents=len(train_docs), n_val_documents=len(val_docs))
+        files = {}
         if tok.name == "bpe":  # the merges beside the data; meta.json records their hash
             meta["merges_sha256"] = tok.sha256
             files[tmp / "bpe.json"] = (json.dumps(tok.spec()) + "\n").encode()
-        commit_files({**files, tmp / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})
+        files[tmp / "meta.json"] = (json.dumps(meta, indent=2) + "\n").encode()
+        commit_files(files)
         try:
             os.rename(tmp, out)  # atomic; fails when out/ exists (another process prepared the same content)
         except OSError:
@@ -215,80 +237,16 @@ def _write_dataset(out, meta, train_docs, val_docs, num_proc, source):
     return out
 
 
-def _remove_stale_temps(root):
-    """Remove temp folders of prepares killed on this machine (their process is gone)."""
-    host = socket.gethostname()
-    for tmp in Path(root).glob(f".*.tmp-{host}-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _meta(tok_meta, where, source_hash):
-    """What identifies a dataset: the tokenizer's recipe (_recipe) and a hash of the source's content. key (in
-    the folder name) hashes both, so another content or tokenizer never lands in an existing folder (a bpe
-    tokenizer is a deterministic function of the content, its size and the trainer's version)."""
-    tok_id = f"{tok_meta['tokenizer']}/{tok_meta['vocab_size']}/{tok_meta.get('bpe_trainer', '')}"
-    key = hashlib.sha256(f"{META_VERSION}/{tok_id}/{source_hash}".encode()).hexdigest()[:KEY_CHARS]
-    return {"version": META_VERSION, **tok_meta, "source": where, "source_hash": source_hash, "key": key}
-
-
-def _folder(root, name, suffix, meta):
-    return Path(root) / f"{name}-{suffix}-{meta['key']}"
-
-
-def _get_tokenizer(tokenizer_name):
-    tok = get_tokenizer(tokenizer_name)
-    assert tok.vocab_size <= 2 ** 16, "token ids are stored as uint16"
-    return tok
-
-
-BPE_LEARN_BYTES = 64 * 2 ** 20  # bpe merges are learned from (at most) the first 64 MiB of the training split
-
-
-def _recipe(tokenizer_name, vocab_size):
-    """(folder suffix, meta fields) of a tokenizer, known before a bpe one is learned (so a prepared folder is
-    found without learning it again)."""
-    if tokenizer_name != "bpe":
-        tok = _get_tokenizer(tokenizer_name)
-        return tok.name, {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
-    if not isinstance(vocab_size, int) or not 258 <= vocab_size <= 2 ** 16:
-        raise DataError(f"--tokenizer bpe needs a --vocab_size between 258 and 65536 (got {vocab_size}), e.g. 4096")
-    return f"bpe{vocab_size}", {"tokenizer": "bpe", "vocab_size": vocab_size, "eot_id": vocab_size - 1,
-                                "bpe_trainer": bpe.VERSION}
-
-
-def _learn_texts(docs):
-    """The training documents' texts, up to BPE_LEARN_BYTES characters in all."""
-    seen = 0
-    for a in range(0, len(docs), CHUNK_DOCS):
-        for text in doc_texts(docs, a, min(a + CHUNK_DOCS, len(docs))):
-            yield text
-            seen += len(text)
-            if seen >= BPE_LEARN_BYTES:
-                return
-
-
-def _make_tokenizer(meta, train_docs):
-    """The tokenizer meta describes: bytes / gpt2 by name; bpe learned here from the training documents."""
-    if meta["tokenizer"] != "bpe":
-        return _get_tokenizer(meta["tokenizer"])
-    t0 = time.time()
-    tok = BPETokenizer.learn(_learn_texts(train_docs), meta["vocab_size"])
-    if tok.vocab_size < meta["vocab_size"]:
-        raise DataError(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is merged): "
-                        f"use --vocab_size {tok.vocab_size} or less, or a bigger corpus")
-    print(f"learned {len(tok.merges)} bpe merges from the training split in {time.time() - t0:.1f}s")
-    return tok
-
-
 def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="data", where=None, num_proc=None,
                       vocab_size=None):
     """Tokenize documents of your own into ROOT/<name>-<tokenizer>-<key>/ (unless already there); returns that
-    folder. train_docs / val_docs: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of
-    strings."""
+    folder. Documents: a datasets.Dataset with a "text" column, a list of {"text": ...} dicts, or of strings."""
     suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
-    meta = _meta(tok_meta, where or name, _source_hash(train_docs, val_docs))
+    if hasattr(train_docs, "_fingerprint") and hasattr(val_docs, "_fingerprint"):  # datasets' own content hashes
+        source_hash = hashlib.sha256(f"{train_docs._fingerprint}/{val_docs._fingerprint}".encode()).hexdigest()
+    else:
+        source_hash = hash_documents(doc_texts(train_docs, 0, len(train_docs)), doc_texts(val_docs, 0, len(val_docs)))
+    meta = _meta(tok_meta, where or name, source_hash)
     out = _folder(root, name, suffix, meta)
     if _is_prepared(out, meta):
         return out
@@ -296,12 +254,30 @@ def prepare_documents(name, train_docs, val_docs, tokenizer_name="gpt2", root="d
 
 
 def prepare(source="stdlib", tokenizer_name="bytes", root="data", num_proc=None, vocab_size=None):
-    """Make sure ROOT/<name>-<tokenizer>-<key>/ holds the tokenized source; returns that folder.
-    tokenizer_name 'bpe' learns vocab_size ids from the training split (folder <name>-bpe<vocab_size>-<key>).
-    num_proc: tokenizer processes (default: all cores for corpora of 4k+ documents, else 1).
-    Under torchrun, rank 0 prepares while the other ranks wait; they then find the folder ready."""
+    """Make sure ROOT/<name>-<tokenizer>-<key>/ holds the tokenized source (sources.py); returns that folder.
+    num_proc: tokenizer processes (default: all cores for 4k+ documents). Under torchrun rank 0 prepares first."""
     with rank0_first():
         return _prepare(source, tokenizer_name, root, num_proc, vocab_size)
+
+
+def _prepare(source, tokenizer_name, root, num_proc, vocab_size):
+    if _lab_params(source) is not None:
+        from .lab import prepare_lab  # the exact lab (tinydiff/lab/): one stationary chain per split
+        return prepare_lab(source, get_tokenizer(tokenizer_name), root)
+    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
+    if source in HF_SOURCES:
+        # keyed by the recipe (repository, splits): a prepared folder is reused without loading OpenWebText's ~40 GB
+        spec, name, docs = HF_SOURCES[source], source, None
+        recipe_hash = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        meta = _meta(tok_meta, f"hf:{spec['path']}", recipe_hash)
+    else:
+        name, train_docs, val_docs, where = local_documents(source, root)
+        meta, docs = _meta(tok_meta, where, hash_documents(train_docs, val_docs)), (train_docs, val_docs)
+    out = _folder(root, name, suffix, meta)
+    if _is_prepared(out, meta):
+        return out
+    train_docs, val_docs = docs or hf_documents(source)
+    return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
 
 
 def prepare_for(source, tok, root="data", num_proc=None):
@@ -315,36 +291,9 @@ def prepare_for(source, tok, root="data", num_proc=None):
     return data_dir
 
 
-def _prepare(source, tokenizer_name, root, num_proc, vocab_size):
-    if _lab_params(source) is not None:
-        from .lab import prepare_lab  # the exact lab (tinydiff/lab/): one stationary chain per split
-        return prepare_lab(source, _get_tokenizer(tokenizer_name), root)
-    suffix, tok_meta = _recipe(tokenizer_name, vocab_size)
-    if source in HF_SOURCES:
-        # identified by the recipe (repository, splits), so a prepared folder is reused without loading
-        # the dataset (OpenWebText's ~40 GB) again
-        spec = HF_SOURCES[source]
-        meta = _meta(tok_meta, f"hf:{spec['path']}",
-                     hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest())
-        out = _folder(root, source, suffix, meta)
-        if _is_prepared(out, meta):
-            return out
-        train_docs, val_docs = hf_documents(source)
-        return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
-    name, train_docs, val_docs, where = local_documents(source, root)
-    meta = _meta(tok_meta, where, hash_documents(train_docs, val_docs))
-    out = _folder(root, name, suffix, meta)
-    if _is_prepared(out, meta):
-        return out
-    return _write_dataset(out, meta, train_docs, val_docs, num_proc, source)
-
-
 def checkpoint_data(ckpt, source=None, what="the checkpoint"):
-    """The prepared folder a run continues on (train.py/distill.py --resume) or is evaluated on (eval.py):
-    the folder the checkpoint records, as it was (folders are keyed by content and never rewritten, so
-    an edited source does not change it). When that folder is gone (deleted, another machine or
-    working directory), the checkpoint's source is prepared again and must give the same content key.
-    source: another source asked for explicitly (eval.py --data): prepared as it is now."""
+    """The folder a checkpoint was trained on (--resume, eval.py); when it is gone, its source is prepared again
+    and must give the same content key. source: another source asked for (eval.py --data), as it is now."""
     tok_name, vocab_size = ckpt["tokenizer"]["name"], ckpt["tokenizer"].get("vocab_size")
     if source is not None:
         return prepare_for(source, tokenizer_from_spec(ckpt["tokenizer"]))
@@ -365,16 +314,6 @@ def checkpoint_data(ckpt, source=None, what="the checkpoint"):
                         f"now has other content ({data_dir}): restore that data, or evaluate on the new data "
                         f"explicitly with --data (eval.py) / start a new run")
     return data_dir
-
-
-def _is_complete(out):
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-        return ((out / "train.bin").stat().st_size == 2 * meta["train_tokens"]
-                and (out / "val.bin").stat().st_size == 2 * meta["val_tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
 
 
 def load_meta(data_dir):
@@ -410,11 +349,9 @@ def get_batch(data_dir, split, batch_size, seq_len, generator=None, device="cpu"
     return windows_at(data, ix, seq_len, device)
 
 
-# Window framing. "none": a window is seq_len consecutive tokens of the split (tinydiff's own models).
-# "bos_eos": [BOS] + seq_len - 2 consecutive tokens + [EOS] with BOS = EOS = the end-of-text id, the chunks
-# MDLM and SDTT trained on (mdlm dataloader.py _group_texts: documents joined with EOS, cut into blocks of
-# L - 2, each wrapped). A model trained that way has only ever seen end-of-text at positions 0 and L - 1;
-# it is evaluated and distilled on windows framed the same way (checkpoint field "framing").
+# Window framing. "none": seq_len consecutive tokens of the split (tinydiff's own models). "bos_eos": [BOS] +
+# seq_len - 2 consecutive tokens + [EOS], BOS = EOS = end-of-text: the chunks MDLM and SDTT trained on (mdlm
+# dataloader.py _group_texts). Such a model is evaluated and distilled on the same framing (checkpoint "framing").
 FRAMINGS = ("none", "bos_eos")
 
 
@@ -425,8 +362,7 @@ def frame(x, eot_id):
 
 
 def framed_batches(eot_id):
-    """A get_batch for bos_eos windows: the same signature, rows of `seq_len` tokens of which the first and
-    last are eot_id and the middle seq_len - 2 a random window of the split."""
+    """A get_batch for bos_eos windows (same signature): rows of seq_len tokens, eot_id first and last."""
     def get(data_dir, split, batch_size, seq_len, generator=None, device="cpu"):
         if seq_len < 3:
             raise DataError(f"a framed window of {seq_len} tokens has no room for text between BOS and EOS")
@@ -443,12 +379,10 @@ def windows_at(data, starts, seq_len, device="cpu"):
 
 
 def val_windows(data_dir, seq_len, max_tokens):
-    """(N, seq_len) int64: consecutive non-overlapping windows from the start of val.bin, the same for every
-    model evaluated on this data. N = min(max_tokens, val tokens) // seq_len, at least 1."""
+    """(N, seq_len) int64: consecutive windows from the start of val.bin, N = min(max_tokens, val) // seq_len >= 1."""
     data = _open_split(data_dir, "val")
     if len(data) < seq_len:
         raise DataError(f"val split of {data_dir} has {len(data)} tokens, fewer than seq_len = {seq_len}: "
                         f"use a smaller --seq_len or a bigger corpus")
     n = max(1, min(max_tokens // seq_len, len(data) // seq_len))
     return torch.from_numpy(data[:n * seq_len].astype(np.int64)).view(n, seq_len)  # (N, L)
-

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .common import UserError
-from .data import FRAMINGS, frame, load_meta, tokenizer_key, val_windows
+from .common import UserError, tokenizer_key
+from .data import FRAMINGS, frame, load_meta, val_windows
 from .diffusion import (bound_to_ppl, forward_mask, get_schedule, masked_log_probs, nelbo_terms, sample_times,
                         val_bound_windows)
 

@@ -1,13 +1,7 @@
-"""Where the documents come from (data.py tokenizes them): the standard library, tiny shakespeare, a local
-text file or folder, or a Hugging Face dataset.
-
-'stdlib': the running interpreter's standard library (tests and installed packages excluded), the
-default offline corpus; every VAL_EVERY-th file is held out. 'shakespeare': tiny shakespeare, downloaded
-once; a file source is cut on a line near 90% (train) / 10% (val). A folder: its text files, in sorted
-order, every VAL_EVERY-th held out. 'owt' and 'tinystories' (HF_SOURCES, `pip install datasets`):
-loaded with datasets.load_dataset into its cache on first use; OpenWebText's last 100k documents are
-the validation split, as in MDLM; TinyStories has its own.
-"""
+"""Where the documents come from (data.py tokenizes them): 'stdlib' (the running interpreter's standard library,
+the default offline corpus), 'shakespeare' (downloaded once), a local text file or folder, or a Hugging Face
+dataset ('owt', 'tinystories': HF_SOURCES, `pip install datasets`). A folder (and 'stdlib') holds out every
+VAL_EVERY-th file as val; a single file (and 'shakespeare') is cut near 90% of its text."""
 import hashlib
 import os
 import re
@@ -43,16 +37,13 @@ def _split_files(files):
     return [f for i, f in enumerate(files) if i not in val_idx], [f for i, f in enumerate(files) if i in val_idx]
 
 
-def _is_stdlib_excluded(name):
-    return name in ("site-packages", "dist-packages", "__pycache__", "idle_test") or name.startswith("test")
-
-
 def stdlib_files():
-    """(train_files, val_files): the interpreter's standard-library .py files, tests and installed packages excluded.
-    Test suites are excluded because they are huge, repetitive and full of deliberately odd code."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = _walk(root, lambda d: not _is_stdlib_excluded(d.name),
-                  lambda f: f.endswith(".py") and not _is_stdlib_excluded(f))
+    """(train_files, val_files): the standard library's .py files; installed packages and the test suites (huge,
+    repetitive, full of deliberately odd code) excluded."""
+    def excluded(name):
+        return name in ("site-packages", "dist-packages", "__pycache__", "idle_test") or name.startswith("test")
+    files = _walk(Path(sysconfig.get_paths()["stdlib"]), lambda d: not excluded(d.name),
+                  lambda f: f.endswith(".py") and not excluded(f))
     # codec tables (encodings/cp037.py, cp1125.py, ...: a decoding_map or decoding_table of 256 entries) are
     # ~10% of the bytes and not code anyone writes; held out, one of them alone dominates the val loss
     files = [f for f in files if not re.search(rb"^decoding_(map|table) = ", Path(f).read_bytes(), re.M)]
@@ -60,9 +51,8 @@ def stdlib_files():
 
 
 def _read_text(path, skip_bad=False):
-    """File -> str (UTF-8, undecodable bytes replaced). A binary file (looks_binary) is refused with a DataError;
-    with skip_bad it is None instead, and so is an unreadable file: a user's folder may hold both, and one of
-    them should not fail the whole corpus."""
+    """File -> str (UTF-8, undecodable bytes replaced); a binary file is a DataError. skip_bad: None for a binary or
+    unreadable file instead (one such file in a user's folder should not fail the whole corpus)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -87,8 +77,8 @@ def looks_binary(data):
 
 
 def _split_text(text, frac=0.9):
-    """(train, val) = first ~90% / last ~10% of the text, cut just after a newline near the 90% mark so no
-    line is split in two; the exact character cut when there is no newline in the last half."""
+    """(train, val): cut just after the last newline before frac of the text (exactly at frac when there is none
+    in the second half)."""
     cut = int(len(text) * frac)
     nl = text.rfind("\n", 0, cut)
     if nl >= len(text) // 2:
@@ -137,13 +127,13 @@ def local_documents(source, root):
         if not texts:
             raise DataError(f"no text files found under {path} (looked for {', '.join(sorted(TEXT_SUFFIXES))}): "
                             f"point --data at a folder that holds text files, or at a single text file")
-        if len(texts) == 1:  # one file: split its text like a file source
-            train, val = _split_text(texts[0])
-            return name, [train], [val], str(path)
+    else:
+        texts = [_read_text(path)]
+    if len(texts) > 1:
         train, val = _split_files(texts)
-        return name, train, val, str(path)
-    train, val = _split_text(_read_text(path))
-    return name, [train], [val], str(path)
+    else:  # one file: cut its text
+        train, val = ([t] for t in _split_text(texts[0]))
+    return name, train, val, str(path)
 
 
 def hash_documents(train_docs, val_docs):
@@ -158,8 +148,7 @@ def hash_documents(train_docs, val_docs):
 # ----------------------------------------------------------------------------- Hugging Face datasets
 
 HF_SOURCES = {
-    # OpenWebText, held out as MDLM does (its dataloader.py: split='train[:-100000]' / 'train[-100000:]');
-    # 'openwebtext' is now the Skylion007/openwebtext repository on the hub
+    # OpenWebText, held out as MDLM does (its dataloader.py: split='train[:-100000]' / 'train[-100000:]')
     "owt": {"path": "Skylion007/openwebtext", "train": "train", "holdout": 100_000},
     # TinyStories (Eldan & Li 2023) ships its own validation split
     "tinystories": {"path": "roneneldan/TinyStories", "train": "train", "val": "validation"},

@@ -1,13 +1,7 @@
-"""Tokenizers: how text becomes ids and back (docs/tokenizers.md).
-
-'bytes' (the UTF-8 bytes + end-of-text, 257 ids), 'gpt2' (tiktoken's GPT-2 BPE), 'bpe' (a byte-level BPE
-learned from a corpus when it is prepared; tinydiff/bpe.py) and the exact lab's own ('labA'). A tokenizer is
-described by spec() (name, vocab_size, eot_id, and for bpe its merges and their sha256), which every
-checkpoint carries: tokenizer_from_spec() rebuilds it without any data folder; two tokenizers are the same
-when their keys are (tokenizer_key; for bpe: the merges' hash, not the name). Preparing data with them:
-tinydiff/data.py.
-"""
+"""Tokenizers: how text becomes ids and back (docs/tokenizers.md): 'bytes', 'gpt2', 'bpe' (learned from a corpus,
+bpe.py) and the lab's own 'labA'. Every checkpoint carries its tokenizer's spec(); tokenizer_from_spec() rebuilds it."""
 import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -17,43 +11,42 @@ from .common import DataError, tokenizer_key
 
 
 class Tokenizer:
-    """Shared decode: ids -> text, robust to ids a model may emit that are not text."""
+    """Shared decode, robust to ids a model may emit that are not text. encode / _bytes (ids -> bytes) go through
+    tiktoken's self.enc unless a subclass overrides them."""
     name, vocab_size, eot_id = None, None, None
     UNKNOWN = "□"  # shown for ids outside the vocabulary, e.g. the [MASK] id = vocab_size
 
+    def encode(self, text):
+        # encode_ordinary: a literal "<|endoftext|>" inside a document is plain text, not the eot id
+        return self.enc.encode_ordinary(text)
+
     def _bytes(self, ids):
-        raise NotImplementedError
+        return self.enc.decode_bytes(ids)
 
     def spec(self):
-        """What a checkpoint stores to rebuild this tokenizer (tokenizer_from_spec)."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
     @property
-    def key(self):
+    def key(self):  # two tokenizers are the same when their keys are (bpe: the merges' hash, not the name)
         return tokenizer_key(self.spec())
 
     def byte_lengths(self):
-        """(vocab_size,) UTF-8 bytes of each id's text; end-of-text counts 1 (as the byte tokenizer's eot id does),
-        so nats per byte compare across tokenizers."""
+        """(vocab_size,) UTF-8 bytes of each id's text, end-of-text 1: nats per byte compare across tokenizers."""
         return np.array([1 if i == self.eot_id else len(self._bytes([i])) for i in range(self.vocab_size)])
 
     def decode(self, ids):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        out, run = [], []
-        for i in ids:
-            if 0 <= i < self.vocab_size and i != self.eot_id:
-                run.append(i)
-                continue
-            # flush the text run first: a multi-byte character may span several ids of it
-            out.append(self._bytes(run).decode("utf-8", errors="replace"))
-            run = []
-            out.append("\n" if i == self.eot_id else self.UNKNOWN)
-        out.append(self._bytes(run).decode("utf-8", errors="replace"))
+        out = []
+        for is_text, run in itertools.groupby(ids, lambda i: 0 <= i < self.vocab_size and i != self.eot_id):
+            if is_text:  # a run at once: a multi-byte character may span several ids
+                out.append(self._bytes(list(run)).decode("utf-8", errors="replace"))
+            else:
+                out += ["\n" if i == self.eot_id else self.UNKNOWN for i in run]
         return "".join(out)
 
 
 class ByteTokenizer(Tokenizer):
-    """ids 0..255 are the UTF-8 bytes, 256 is end-of-text. Needs no vocabulary file."""
+    """ids 0..255 are the UTF-8 bytes, 256 is end-of-text."""
     name, vocab_size, eot_id = "bytes", 257, 256
 
     def encode(self, text):
@@ -63,16 +56,21 @@ class ByteTokenizer(Tokenizer):
         return bytes(ids)
 
 
+def _tiktoken(name):
+    try:
+        import tiktoken  # lazy: the bytes tokenizer must work without it
+    except ImportError:
+        raise DataError(f"the {name} tokenizer needs tiktoken: pip install tiktoken "
+                        f"(or use --tokenizer bytes)") from None
+    return tiktoken
+
+
 class GPT2Tokenizer(Tokenizer):
     """tiktoken's GPT-2 BPE: 50257 ids, the last one (50256) is <|endoftext|>."""
     name = "gpt2"
 
     def __init__(self):
-        try:
-            import tiktoken  # lazy: the bytes tokenizer must work without it
-        except ImportError:
-            raise DataError("the gpt2 tokenizer needs tiktoken: pip install tiktoken "
-                            "(or use --tokenizer bytes)") from None
+        tiktoken = _tiktoken("gpt2")
         try:
             self.enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline with no cached vocabulary: requests/urllib errors, or a bad cache
@@ -81,22 +79,14 @@ class GPT2Tokenizer(Tokenizer):
                             f"copy (or use --tokenizer bytes)") from None
         self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token
 
-    def encode(self, text):
-        # encode_ordinary: a literal "<|endoftext|>" inside a document is plain text, not the eot id
-        return self.enc.encode_ordinary(text)
-
-    def _bytes(self, ids):
-        return self.enc.decode_bytes(ids)
-
-
 
 class BPETokenizer(Tokenizer):
     """A byte-level BPE learned from a corpus (tinydiff/bpe.py): ids 0..255 the bytes, 256 + i merge i, then
-    end-of-text (the last id). Encoded by tiktoken with the learned ranks and GPT-2's pre-tokenisation."""
+    end-of-text (the last id), with GPT-2's pre-tokenisation."""
     name = "bpe"
 
     def __init__(self, merges):
-        tiktoken = self._tiktoken()
+        tiktoken = _tiktoken("bpe")
         self.merges = [tuple(m) for m in merges]
         self.sha256 = hashlib.sha256(json.dumps(self.merges).encode()).hexdigest()
         self.enc = tiktoken.Encoding(f"tinydiff-bpe-{self.sha256[:12]}", pat_str=bpe.PATTERN,
@@ -104,27 +94,13 @@ class BPETokenizer(Tokenizer):
         self.vocab_size = 256 + len(self.merges) + 1
         self.eot_id = self.vocab_size - 1
 
-    @staticmethod
-    def _tiktoken():
-        try:
-            import tiktoken  # lazy, as for gpt2: the bytes tokenizer must work without it (and without regex)
-        except ImportError:
-            raise DataError("the bpe tokenizer needs tiktoken: pip install tiktoken (or use --tokenizer bytes)") from None
-        return tiktoken
-
     @classmethod
     def learn(cls, texts, vocab_size):
-        cls._tiktoken()  # fail before learning, not after
+        _tiktoken("bpe")  # fail before learning, not after
         return cls(bpe.learn_merges(texts, vocab_size - 257))
 
     def spec(self):
         return {**super().spec(), "merges": [list(m) for m in self.merges], "merges_sha256": self.sha256}
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(text)
-
-    def _bytes(self, ids):
-        return self.enc.decode_bytes(ids)
 
 
 TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer}
@@ -132,7 +108,7 @@ TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer, "bpe": BPETokenizer
 
 def get_tokenizer(name="bytes"):
     if name.startswith("lab") and name[3:].isdigit():
-        from .lab import LETTERS, LabTokenizer  # the exact lab's own (tinydiff/lab/), imported only for it
+        from .lab import LETTERS, LabTokenizer  # the exact lab's own, imported only for it
         if 1 <= int(name[3:]) <= len(LETTERS):
             return LabTokenizer(int(name[3:]))
     if name not in TOKENIZERS:
