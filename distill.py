@@ -256,6 +256,9 @@ def main():
             "schedule": schedule_spec(schedule), "sample_steps": args.seq_len, **({} if sdtt else {"tcs": tcs_meta})}
     if sdtt:  # SDTT: the teacher's windows (framed as it was trained); TCS: on the chunk grid, so targets are reused
         windows = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch
+        if args.framing == "bos_eos":
+            print(f"windows framed as [BOS] + {args.seq_len - 2} tokens + [EOS] (BOS = EOS = end-of-text id "
+                  f"{tok.eot_id})")
         batches = lambda n, gen: windows(data_dir, "train", n, args.seq_len, gen, device)  # noqa: E731
     else:
         batches = lambda n, gen: grid_batch(data_dir, "train", n, args.seq_len, gen, device, chunks)  # noqa: E731

@@ -110,6 +110,8 @@ def main():
     # on which AR and MDLM score exactly the same tokens (heldout_windows)
     window = val_window_len(args.model, args.seq_len)
     batches = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch  # bos_eos: [BOS] + .. + [EOS]
+    if args.framing == "bos_eos":
+        print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
     val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens, args.framing)[0].to(device)
 
     # ------------------------------------------------------------------ optimizer, EMA, random streams, resume

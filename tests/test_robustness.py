@@ -464,3 +464,55 @@ def test_held_out_bound_is_the_same_in_train_and_eval_whatever_the_batch(tmp_pat
     assert scores[1][0] == pytest.approx(scores[3][0], rel=1e-6, abs=0) == pytest.approx(scores[16][0], rel=1e-6)
     assert trained["val_loss"] == pytest.approx(scores[16][0], rel=1e-6)
     assert trained["val_loss_se"] == pytest.approx(scores[16][1], rel=1e-4) and 0 < scores[16][1] < scores[16][0]
+
+
+# ----------------------------------------------------------------------------- a shared checkpoint runs no code
+
+class _Plant:
+    """Unpickled, it creates a file: what a malicious checkpoint would do (full pickle runs code on load)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _plant_ckpt(path, marker):
+    """A checkpoint with the keys of a tinydiff checkpoint whose tokenizer field runs code when unpickled."""
+    cfg = {"vocab_size": 258, "n_layer": 1, "n_head": 2, "n_embd": 16, "seq_len": 16, "causal": False}
+    torch.save({"config": cfg, "model": {}, "kind": "mdlm", "tokenizer": _Plant(str(marker)), "mask_id": 257}, path)
+
+
+@pytest.mark.slow
+def test_a_pickled_checkpoint_runs_nothing_in_any_script(tmp_path, corpus):
+    """Checkpoints load with weights_only=True: a file whose pickle would call a function is refused with one
+    line by every script that reads a checkpoint, and the function never runs (the marker file is never made)."""
+    marker = tmp_path / "PWNED"
+    _plant_ckpt(tmp_path / "evil.pt", marker)
+    (tmp_path / "resume").mkdir()
+    _plant_ckpt(tmp_path / "resume" / "ckpt.pt", marker)
+    uses = [("sample.py", ["--ckpt", "evil.pt"]),
+            ("eval.py", ["--ckpt", "evil.pt"]),
+            ("bench.py", ["--ckpt", "evil.pt", "--sections", "latency", "--size", "tiny", "--runs", "1"]),
+            ("train.py", ["--init_from", "evil.pt", "--data", corpus, *TINY]),
+            ("train.py", ["--resume", "--out_dir", "resume"]),
+            ("distill.py", ["--method", "sdtt", "--teacher", "evil.pt"]),
+            ("distill.py", ["--method", "tcs", "--teacher", "evil.pt"]),
+            ("distill.py", ["--method", "sdtt", "--teacher", "lab-oracle", "--init", "evil.pt"])]
+    for script, flags in uses:
+        check_error(run(script, *flags, cwd=tmp_path, check=False), "weights_only")
+        assert not marker.exists(), (script, flags)
+    assert (tmp_path / "resume" / "ckpt.pt").exists()  # refused, not removed
+
+
+def test_a_checkpoint_with_fields_of_the_wrong_type_is_one_line(tmp_path):
+    """The right keys, the wrong types (a string where the tokenizer's description belongs, a list for the
+    config): one error line naming the field, not a traceback."""
+    cfg = {"vocab_size": 258, "n_layer": 1, "n_head": 2, "n_embd": 16, "seq_len": 16, "causal": False}
+    for field, value in (("tokenizer", "bytes"), ("config", [1, 2]), ("kind", 3), ("model", "weights")):
+        ckpt = {"config": cfg, "model": {}, "kind": "mdlm", "mask_id": 257,
+                "tokenizer": {"name": "bytes", "vocab_size": 257, "eot_id": 256}}
+        ckpt[field] = value
+        torch.save(ckpt, tmp_path / "bad.pt")
+        check_error(run("sample.py", "--ckpt", "bad.pt", cwd=tmp_path, check=False), "bad.pt", field)

@@ -184,3 +184,54 @@ def test_bpe_checkpoints_are_self_describing(tmp_path, corpus):
                 "--data", "contradicts")
     check_error(run("train.py", "--data", other, "--out_dir", "x", "--init_from", "mdlm/ckpt.pt", *bpe, cwd=tmp_path,
                     check=False), "tokenizer", "bpe-")
+
+
+# ----------------------------------------------------------------------------- a user's own small file
+
+PARAGRAPH = ("Am Rand des kleinen Dorfes stand eine alte Mühle. Jeden Morgen ging der Müller mit seinem Hund über "
+             "die Brücke, grüßte die Bäckerin und sah nach dem Wasser im Bach. Im Sommer war der Bach schmal und "
+             "warm, im Winter lag Eis auf den Steinen. Die Kinder des Dorfes liefen nach der Schule zur Mühle, "
+             "weil der Müller Geschichten erzählte: von Riesen im Wald, von einem Fuchs, der lesen konnte, und "
+             "von einem Boot, das über die Wolken fuhr. Niemand glaubte ihm, aber alle hörten zu, bis es dunkel "
+             "wurde.\n")
+
+
+def _stories(n):
+    names, things = ["Mia", "Tom", "Lily", "Ben", "Sam"], ["a red ball", "a little boat", "a kite", "a lost cat"]
+    out = []
+    for i in range(n):
+        who, what = names[i % 5], things[i % 4]
+        out.append(f"Once upon a time, {who} found {what} in the park. {who} was very happy and showed it to "
+                   f"a friend. They played with it all day, and when the sun went down they went home together.\n")
+    return "".join(out)
+
+
+@pytest.mark.slow
+def test_the_defaults_train_on_a_small_file_and_a_folder(tmp_path):
+    """train.py --data FILE with the default tokenizer (a 4096-id BPE) on text too small for it: it trains with
+    the largest vocabulary the file allows (one line says so; the checkpoint records it) and the windows the
+    splits allow; an explicit --vocab_size above the limit is still an error."""
+    (tmp_path / "absatz.txt").write_text(PARAGRAPH, encoding="utf-8")
+    assert 550 <= len(PARAGRAPH.encode()) <= 650
+    (tmp_path / "stories.txt").write_text(_stories(21))
+    assert 3800 <= (tmp_path / "stories.txt").stat().st_size <= 4300
+    (tmp_path / "notes").mkdir()
+    for i in range(4):
+        (tmp_path / "notes" / f"note{i}.txt").write_text(_stories(i + 2))
+    quick = ["--max_iters", 2, "--eval_interval", 2, "--device", "cpu"]
+    for data in ("absatz.txt", "stories.txt", "notes"):
+        p = run("train.py", "--data", data, *quick, "--out_dir", f"out-{data}", cwd=tmp_path)
+        out = last_json(p)
+        assert out["iter"] == 2 and out["val_loss"] is not None, p.stdout[-2000:]
+        note = [ln for ln in p.stdout.splitlines() if ln.startswith("note: ") and "--vocab_size" in ln]
+        assert len(note) == 1, p.stdout[-3000:]
+        ckpt = torch.load(tmp_path / f"out-{data}" / "ckpt.pt", weights_only=True)
+        assert ckpt["args"]["vocab_size"] == ckpt["tokenizer"]["vocab_size"] < 4096
+        assert f"--vocab_size {ckpt['tokenizer']['vocab_size']}" in note[0]
+    # the held-out split of the paragraph holds a few tokens only: the bound says what it rests on
+    p = run("train.py", "--data", "absatz.txt", *quick, "--out_dir", "again", cwd=tmp_path)
+    assert "rests on" in p.stdout
+    p = run("train.py", "--data", "absatz.txt", "--vocab_size", 4096, *quick, "--out_dir", "x", cwd=tmp_path,
+            check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--vocab_size" in p.stderr
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
