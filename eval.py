@@ -57,7 +57,7 @@ from tinydiff.common import (UserError, autocast_ctx, emit, load_checkpoint, mak
                              pick_device, pick_dtype)
 from tinydiff.data import FRAMINGS, checkpoint_data, load_meta, tokenizer_from_spec
 from tinydiff.diffusion import get_schedule
-from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_windows, lambada,
+from tinydiff.evaluate import (GEN_PPL_PROTOCOLS, LAMBADA_FRAMINGS, check_judge, heldout_len, heldout_windows, lambada,
                                mdlm_judge_tokens, read_lambada, retokenize, sample_metrics, val_metrics)
 from tinydiff.sampling import ar_sample
 from tinydiff.lab import OracleDenoiser
@@ -182,12 +182,13 @@ def main():
     record["val_framing"] = framing
     if args.val_tokens > 0:
         t0 = time.time()
-        val_x, n_scored = heldout_windows(data_dir, kind, context, args.val_tokens, framing)  # (n, L) or (n, L+1)
+        vlen = heldout_len(data_dir, context) if framing == "none" else context  # a small file: fewer tokens
+        val_x, n_scored = heldout_windows(data_dir, kind, vlen, args.val_tokens, framing)  # (n, L) or (n, L+1)
         vm = val_metrics(model, kind, val_x.to(device), mask_id, args.val_draws, args.seed, args.batch_size, autocast,
                          schedule)
         how = "exact NLL" if kind == "ar" else f"NELBO bound, {args.val_draws} t draws/window"
-        where = (f"v_1..v_{n_scored} of {data_dir}/val.bin, windows of {context}" if framing == "none" else
-                 f"{len(val_x)} windows [BOS] + {context - 2} tokens of {data_dir}/val.bin + [EOS], framing bos_eos"
+        where = (f"v_1..v_{n_scored} of {data_dir}/val.bin, windows of {vlen}" if framing == "none" else
+                 f"{len(val_x)} windows [BOS] + {vlen - 2} tokens of {data_dir}/val.bin + [EOS], framing bos_eos"
                  f" as MDLM/SDTT trained; the two framing positions are scored, as in MDLM's val loss")
         se = f" (s.e. {vm['val_loss_se']:.4f} over {len(val_x)} windows)" if vm["val_loss_se"] is not None else ""
         print(f"val: {n_scored:,} scored positions ({where}): loss {vm['val_loss']:.4f} nats/token{se}, "
@@ -200,8 +201,8 @@ def main():
                                                 args.seed, args.batch_size, autocast, schedule)
             print(f"val (lab): model {g['model']:.4f} - true NLL of the same tokens {g['true']:.4f} = gap "
                   f"{g['gap']:+.4f} ± {g['gap_se']:.4f} nats/token ({g['windows']} windows)")
-        if judge is not None and not retok and judge.cfg.seq_len >= context:  # the judge on the same tokens
-            jx, _ = heldout_windows(data_dir, "ar", context, args.val_tokens, framing)
+        if judge is not None and not retok and judge.cfg.seq_len >= vlen:  # the judge on the same tokens
+            jx, _ = heldout_windows(data_dir, "ar", vlen, args.val_tokens, framing)
             record["val_ppl_judge"] = val_metrics(judge, "ar", jx.to(device), batch_size=args.batch_size)["val_ppl"]
             print(f"val: the judge on the same tokens: PPL {record['val_ppl_judge']:.3f} (exact NLL)")
 

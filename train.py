@@ -23,9 +23,10 @@ from tqdm import tqdm
 from tinydiff import dist
 from tinydiff.common import (EMA, StopSignals, UserError, emit, generators, load_checkpoint, lr_at, make_generator,
                              make_optimizer, model_from_checkpoint, restore_run, run_state, save_run, setup_runtime)
-from tinydiff.data import checkpoint_data, default_tokenizer, framed_batches, get_batch, load_meta, load_tokenizer, prepare
+from tinydiff.data import (VocabTooLarge, checkpoint_data, default_tokenizer, framed_batches, get_batch, load_meta,
+                           load_tokenizer, prepare)
 from tinydiff.diffusion import SCHEDULES, forward_mask, get_schedule, nelbo_loss, sample_times, schedule_spec
-from tinydiff.evaluate import heldout_windows, per_byte, periodic_eval, val_window_len
+from tinydiff.evaluate import heldout_len, heldout_windows, per_byte, periodic_eval, val_window_len
 from tinydiff.model import ModelConfig, Transformer
 from tinydiff.outdir import check_space, checkpoint_bytes, claim
 from tinydiff.run import ArgumentParser, add_sampler_args, add_train_args, knobs_from_args, parse, resume_args, run_main
@@ -73,8 +74,20 @@ def main():
 
     # ------------------------------------------------------------------ data: prepared once, keyed by content
     args.tokenizer = args.tokenizer or default_tokenizer(args.data)  # bpe; the lab has its own
-    data_dir = checkpoint_data(resume) if resume else prepare(args.data, args.tokenizer, vocab_size=args.vocab_size)
+    try:
+        data_dir = checkpoint_data(resume) if resume else prepare(args.data, args.tokenizer, vocab_size=args.vocab_size)
+    except VocabTooLarge as e:  # a small file and the default --vocab_size: the largest vocabulary it allows
+        if "vocab_size" in given:
+            raise
+        print(f"note: {args.data} allows only {e.allowed} bpe ids (every pair of tokens merged): using --vocab_size "
+              f"{e.allowed}")
+        args.vocab_size = e.allowed  # recorded in the checkpoint's args (and its tokenizer)
+        data_dir = prepare(args.data, args.tokenizer, vocab_size=e.allowed)
     tok = load_tokenizer(data_dir)
+    fit = load_meta(data_dir)["train_tokens"] - 1 - (args.model == "ar")  # the longest training window it holds
+    if args.seq_len > fit and not (resume or args.init_from or "seq_len" in given):
+        print(f"note: the training split holds {fit + 1 + (args.model == 'ar')} tokens: using --seq_len {fit}")
+        args.seq_len = fit
 
     # ------------------------------------------------------------------ model: MDLM's [MASK] is one more id
     if resume is not None:
@@ -112,7 +125,10 @@ def main():
     batches = framed_batches(tok.eot_id) if args.framing == "bos_eos" else get_batch  # bos_eos: [BOS] + .. + [EOS]
     if args.framing == "bos_eos":
         print(f"windows framed as [BOS] + {window - 2} tokens + [EOS] (BOS = EOS = end-of-text id {tok.eot_id})")
-    val_x = heldout_windows(data_dir, args.model, args.seq_len, args.eval_tokens, args.framing)[0].to(device)
+    eval_len = heldout_len(data_dir, args.seq_len)  # a small file's val split may hold less than one window
+    if eval_len < args.seq_len:
+        print(f"note: the held-out split holds {eval_len + 1} tokens only: the bound rests on {eval_len} tokens")
+    val_x = heldout_windows(data_dir, args.model, eval_len, args.eval_tokens, args.framing)[0].to(device)
 
     # ------------------------------------------------------------------ optimizer, EMA, random streams, resume
     opt = make_optimizer(model, args.lr, args.weight_decay, device)
@@ -206,7 +222,7 @@ def main():
     print(tok.decode(x[0].tolist()))
     print("-" * 68)
     # per byte (comparable across tokenizers) next to a unigram model of the corpus
-    ctx = per_byte(data_dir, tok, args.seq_len, args.eval_tokens, summary["val_loss"]) if "val_loss" in summary else {}
+    ctx = per_byte(data_dir, tok, eval_len, args.eval_tokens, summary["val_loss"]) if "val_loss" in summary else {}
     if ctx:
         print(f"held-out: {ctx['heldout_tokens']:,} tokens = {ctx['heldout_bytes']:,} bytes | "
               f"{'val bound' if args.model == 'mdlm' else 'val NLL'} {ctx['val_loss_per_byte']:.3f} nats/byte | "

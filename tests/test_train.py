@@ -193,7 +193,7 @@ PARAGRAPH = ("Am Rand des kleinen Dorfes stand eine alte Mühle. Jeden Morgen gi
              "warm, im Winter lag Eis auf den Steinen. Die Kinder des Dorfes liefen nach der Schule zur Mühle, "
              "weil der Müller Geschichten erzählte: von Riesen im Wald, von einem Fuchs, der lesen konnte, und "
              "von einem Boot, das über die Wolken fuhr. Niemand glaubte ihm, aber alle hörten zu, bis es dunkel "
-             "wurde.\n")
+             "wurde und die Mütter nach ihnen riefen. Dann liefen sie nach Hause.\n")
 
 
 def _stories(n):
@@ -213,7 +213,7 @@ def test_the_defaults_train_on_a_small_file_and_a_folder(tmp_path):
     splits allow; an explicit --vocab_size above the limit is still an error."""
     (tmp_path / "absatz.txt").write_text(PARAGRAPH, encoding="utf-8")
     assert 550 <= len(PARAGRAPH.encode()) <= 650
-    (tmp_path / "stories.txt").write_text(_stories(21))
+    (tmp_path / "stories.txt").write_text(_stories(22))
     assert 3800 <= (tmp_path / "stories.txt").stat().st_size <= 4300
     (tmp_path / "notes").mkdir()
     for i in range(4):

@@ -175,6 +175,14 @@ def _learn_texts(docs):
                 return
 
 
+class VocabTooLarge(DataError):
+    """The training split cannot give the bpe ids asked for (every pair merged); .allowed: the most it gives."""
+
+    def __init__(self, message, allowed):
+        super().__init__(message)
+        self.allowed = allowed
+
+
 def _make_tokenizer(meta, train_docs):
     """The tokenizer meta describes: bytes / gpt2 by name; bpe learned here from the training documents."""
     if meta["tokenizer"] != "bpe":
@@ -182,8 +190,8 @@ def _make_tokenizer(meta, train_docs):
     t0 = time.time()
     tok = BPETokenizer.learn(_learn_texts(train_docs), meta["vocab_size"])
     if tok.vocab_size < meta["vocab_size"]:
-        raise DataError(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is merged): "
-                        f"use --vocab_size {tok.vocab_size} or less, or a bigger corpus")
+        raise VocabTooLarge(f"the training split allows only {tok.vocab_size} bpe ids (every pair of tokens is "
+                            f"merged): use --vocab_size {tok.vocab_size} or less, or a bigger corpus", tok.vocab_size)
     print(f"learned {len(tok.merges)} bpe merges from the training split in {time.time() - t0:.1f}s")
     return tok
 

@@ -87,6 +87,16 @@ def val_window_len(kind, seq_len):
     return seq_len + 1 if kind == "ar" else seq_len
 
 
+def heldout_len(data_dir, seq_len):
+    """The held-out window length: seq_len, or every token the val split holds when that is less than one window
+    (a small file: the bound then rests on those few tokens). A UserError when there are too few to score."""
+    available = load_meta(data_dir)["val_tokens"]
+    if available < 3:
+        raise UserError(f"the held-out split of {data_dir} holds {available} tokens: too few to score; use a bigger "
+                        f"file (or a folder of several)")
+    return min(seq_len, available - 1)
+
+
 def heldout_windows(data_dir, kind, seq_len, max_tokens, framing="none"):
     """Held-out windows on which an AR and an MDLM model score exactly the same tokens.
 
