@@ -47,8 +47,9 @@ import torch
 from tqdm import tqdm
 
 from . import bpe
-from .common import DataError, commit_files, pid_alive, tokenizer_key  # noqa: F401 (tokenizer_key: re-exported)
+from .common import commit_files, pid_alive, tokenizer_key  # noqa: F401 (tokenizer_key: re-exported)
 from .dist import rank0_first
+from .errors import DataError
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .sources import stdlib_files  # noqa: F401  (re-exported: part of this module's interface)
 from .tokenizers import (TOKENIZERS, BPETokenizer, ByteTokenizer, GPT2Tokenizer,  # noqa: F401 (re-exported)
