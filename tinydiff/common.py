@@ -1,11 +1,6 @@
-"""What every script calls: the device/dtype/compile policy, the JSON last line, atomic checkpoints and
-loading them, and the pieces of a training loop (AdamW, the learning-rate schedule, EMA, the run's state
-for exact resume, stop signals). Plain functions of tensors, models and values: no argparse.
-
-The policy is decided once here and printed with its reason (docs/design.md, "One policy for device,
-dtype and compile"): cuda -> bf16 autocast, TF32, fused AdamW, torch.compile on; mps -> fp32; cpu ->
-fp32, compile when asked (on 2 cores its start-up cost is rarely repaid in a short run; see README).
-"""
+"""What every script calls: the device/dtype/compile policy (docs/design.md: cuda -> bf16 autocast, TF32,
+fused AdamW, compile; mps, cpu -> fp32, eager), the JSON last line, atomic checkpoints, and the pieces of a
+training loop (AdamW, the lr schedule, EMA, exact resume, stop signals). Plain functions: no argparse."""
 import contextlib
 import copy
 import ctypes
@@ -20,20 +15,18 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .errors import DataError, UserError, die  # noqa: F401  (DataError, die: re-exported, the scripts' import point)
+from .errors import UserError
 from .hub import is_pretrained, load_pretrained
 from .model import ModelConfig, Transformer
 
 
 def emit(record):
-    """The output contract: the last line on stdout is one JSON object with the headline figures.
-    Strict JSON: a float that is NaN or infinite (a loss never measured, a diverged run) is written
-    as null, so every JSON parser reads the line; allow_nan=False guarantees none slips through."""
+    """The output contract: the last line on stdout is one JSON object with the headline figures. Strict
+    JSON, so every parser reads it: a NaN or infinite float (a loss never measured, a diverged run) is null."""
     print(json.dumps(_finite(record), allow_nan=False), flush=True)
 
 
 def _finite(v):
-    """v with every non-finite float (in nested dicts/lists/tuples) replaced by None."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
@@ -47,15 +40,14 @@ def _finite(v):
 
 def pick_device(arg="auto"):
     """Returns (device string, reason)."""
+    mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     if arg == "auto":
         if torch.cuda.is_available():
             return "cuda", "auto: CUDA is available"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps", "auto: Apple MPS is available"
-        return "cpu", "auto: no GPU found"
+        return ("mps", "auto: Apple MPS is available") if mps else ("cpu", "auto: no GPU found")
     if arg == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu (or auto)")
-    if arg == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if arg == "mps" and not mps:
         raise UserError("--device mps was asked for but MPS is not available: use --device cpu (or auto)")
     if arg not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown --device {arg!r}: choose auto, cpu, cuda or mps")
@@ -88,25 +80,22 @@ def autocast_ctx(device, dtype):
 
 
 def reuse_freed_memory(mib=512):
-    """CPU training on Linux/glibc: let malloc keep freed blocks of up to `mib` MiB for reuse. glibc serves
-    blocks above 32 MiB with mmap and unmaps them on free, so a tensor that size allocated every step (the
-    (N, V) logits of a 4096-id output head are ~33 MiB) comes back as fresh pages that the kernel must
-    zero and fault in again: ~9% of a step on 2 cores, all system time. No-op where mallopt is missing."""
-    try:
+    """CPU on glibc: let malloc keep freed blocks of up to `mib` MiB. glibc mmaps blocks above 32 MiB and unmaps
+    them on free, so a tensor that size made every step (the logits of a 4096-id head: ~33 MiB) comes back as
+    fresh pages the kernel must zero: ~9% of a step on 2 cores."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, mib << 20)  # M_MMAP_THRESHOLD: larger blocks only are mmapped
         libc.mallopt(-1, mib << 20)  # M_TRIM_THRESHOLD: keep up to this much free memory at the heap's top
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
-        pass
 
 
 def setup_runtime(device="auto", dtype="auto", compile="auto"):
     """Apply the policy for --device/--dtype/--compile, print it, return (device, dtype, compile, autocast).
-    Launched by torchrun, the process also joins the DDP process group here (before any CUDA work)."""
+    Under torchrun the process also joins the DDP process group here, before any CUDA work."""
     device, why_d = pick_device(device)
     dtype, why_t = pick_dtype(dtype, device)
     use_compile, why_c = pick_compile(compile, device)
-    world = dist.init(device)[1]  # under torchrun: join the process group, GPU = LOCAL_RANK (tinydiff/dist.py)
+    world = dist.init(device)[1]
     if device == "cpu":
         reuse_freed_memory()
     if device == "cuda":
@@ -123,33 +112,6 @@ def make_generator(seed, device):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(obj, path):
-    """torch.save to a synced temp file beside path, then commit_files moves it into place: a crash never
-    leaves a broken checkpoint, and a failed save leaves no temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    commit_files({path: tmp})
-
-
-def write_error(e, path):
-    """Why a write failed, in a few words: the OS's reason, and the free space of that disk."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    try:
-        reason += f"; {shutil.disk_usage(Path(path).parent).free / 2 ** 20:.1f} MiB free on that disk"
-    except OSError:
-        pass
-    return reason
-
-
 def temp_path(path):
     """Where a file is written before os.replace moves it into place: beside it, hidden, per process."""
     path = Path(path)
@@ -157,28 +119,39 @@ def temp_path(path):
 
 
 def commit_files(files):
-    """Write {path: bytes, or a finished temp file beside path} atomically: every file to a temp file beside it
-    first, then os.replace each, in order. Any error before the replaces leaves the folder exactly as it was;
-    temp files are always removed."""
+    """Write {path: bytes, or a function that writes to a binary file} atomically: each to a synced temp file,
+    then os.replace each, in order. An error before the replaces changes nothing; no temp file stays."""
     tmps = {}
     try:
         for path, data in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(data, Path):  # written (and synced) by the caller
-                tmps[path] = data
-                continue
             tmps[path] = tmp = temp_path(path)
             with open(tmp, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
         for tmp in tmps.values():
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (commit_files): a crash never leaves a broken checkpoint."""
+    commit_files({path: lambda f: torch.save(obj, f)})
+
+
+def write_error(e, path):
+    """Why a write failed, in a few words: the OS's reason, and the free space of that disk."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    with contextlib.suppress(OSError):
+        reason += f"; {shutil.disk_usage(Path(path).parent).free / 2 ** 20:.1f} MiB free on that disk"
+    return reason
 
 
 def pid_alive(pid):
@@ -188,60 +161,53 @@ def pid_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
+        pass
     return True
 
 
-KINDS = {"mdlm": "an MDLM", "ar": "an AR model"}
-
-
 def load_checkpoint(path, kind=None, tokenizer=None, script=None, what=None, fix=None):
-    """Load a tinydiff checkpoint on the CPU, or raise one UserError saying what is wrong with it and how to
-    fix it. A published model's name (hf:OWNER/NAME[@REV], gpt2, gpt2-medium, ...) that is not a local file
-    is downloaded and converted by tinydiff/hub.py into the same format.
-    The checks a caller needs (check_checkpoint): kind "mdlm" or "ar"; tokenizer, the name of the tokenizer
-    it must use; script, the script that must have written it ("train.py" or "distill.py": --resume).
-    what: how the message names it (default: the path); fix: how to fix a wrong kind or tokenizer."""
+    """Load a tinydiff checkpoint on the CPU, checked by check_checkpoint, or raise one UserError saying what
+    is wrong and how to fix it. A published model's name (hf:OWNER/NAME[@REV], gpt2, ...) that is not a local
+    file is downloaded and converted by tinydiff/hub.py. what: how messages name it (default: the path)."""
     path = str(path)
     if is_pretrained(path) and not os.path.isfile(path):
         ckpt = load_pretrained(path)
-        check_checkpoint(ckpt, kind, tokenizer, script, what or path, fix)
-        return ckpt
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a torch file, ...
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): "
-                        f"re-train or point to another checkpoint") from None
-    if not isinstance(ckpt, dict) or not {"config", "model", "kind", "tokenizer"} <= set(ckpt):
-        raise UserError(f"{path} is not a tinydiff checkpoint (missing config/model/kind/tokenizer)")
+    else:
+        if os.path.isdir(path):
+            raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated, not a torch file, ...
+            raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): "
+                            f"re-train or point to another checkpoint") from None
+        if not isinstance(ckpt, dict) or not {"config", "model", "kind", "tokenizer"} <= set(ckpt):
+            raise UserError(f"{path} is not a tinydiff checkpoint (missing config/model/kind/tokenizer)")
     check_checkpoint(ckpt, kind, tokenizer, script, what or path, fix)
     return ckpt
 
 
 def tokenizer_key(spec):
-    """The identity of a tokenizer spec (a checkpoint's "tokenizer"): its name, and for a learned bpe the hash of
-    its merges (two bpe tokenizers of the same size are the same only with the same merges)."""
+    """A tokenizer spec's identity: its name, and for a learned bpe the hash of its merges."""
     return f"bpe-{spec['merges_sha256'][:16]}" if spec.get("merges_sha256") else spec["name"]
 
 
 def check_checkpoint(ckpt, kind=None, tokenizer=None, script=None, what="the checkpoint", fix=None):
-    """load_checkpoint's checks on a loaded checkpoint: UserError unless it is a `kind` model using the
-    `tokenizer` tokenizer (its key, tokenizer_key / Tokenizer.key), written by `script` (each None: not checked)."""
+    """UserError unless the checkpoint is a `kind` ("mdlm", "ar") model using the `tokenizer` tokenizer (its
+    tokenizer_key), written by `script` ("train.py", "distill.py"); None: not checked. fix: how to fix it."""
+    kinds = {"mdlm": "an MDLM", "ar": "an AR model"}
     wrote = f"distill.py --method {ckpt['method']}" if ckpt.get("method") else "train.py"
     if script is not None and wrote.split()[0] != script:
         raise UserError(f"{what} was written by {wrote}, not {script}: resume it with {wrote.split()[0]}, "
                         f"or use another --out_dir")
     have_kind, have_tok = ckpt["kind"], tokenizer_key(ckpt["tokenizer"])
     if (kind or have_kind) != have_kind or (tokenizer or have_tok) != have_tok:
-        want = KINDS.get(kind or have_kind, kind) + (f" with the {tokenizer} tokenizer" if tokenizer else "")
+        want = kinds.get(kind or have_kind, kind) + (f" with the {tokenizer} tokenizer" if tokenizer else "")
         flags = f"--model {kind or have_kind}" + (f" --tokenizer {tokenizer.split('-')[0]}" if tokenizer else "")
         if tokenizer and tokenizer.startswith("bpe-"):  # a learned bpe is its merges: the same data and size
             flags += " on the same --data with the same --vocab_size"
-        raise UserError(f"{what} is {KINDS.get(have_kind, have_kind)} with the {have_tok} tokenizer, not {want}: "
+        raise UserError(f"{what} is {kinds.get(have_kind, have_kind)} with the {have_tok} tokenizer, not {want}: "
                         + (fix or f"give one trained with train.py {flags}"))
 
 
@@ -278,9 +244,8 @@ def lr_at(it, lr, warmup, max_iters, schedule="constant", min_lr=0.0):
 
 
 class EMA:
-    """Exponential moving average of the weights, kept in a second model so it can be evaluated as is.
-    The effective decay warms up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialisation. The update is one fused foreach op: no host sync."""
+    """Exponential moving average of the weights, in a second model that can be evaluated as is. The decay
+    warms up as min(decay, (1 + n) / (10 + n)) so the random init does not dominate early averages."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -290,7 +255,7 @@ class EMA:
     def update(self, model):
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)  # fused: no host sync
 
     def state_dict(self):
         return {"decay": self.decay, "updates": self.updates, "model": self.model.state_dict()}
@@ -301,14 +266,12 @@ class EMA:
 
 
 def generators(seed, device):
-    """The run's random streams: "data" (CPU: the same windows on any device) and "noise" (t, masks, teacher
-    steps: on the training device). Saved in every checkpoint, so --resume continues them exactly."""
+    """The run's random streams: "data" (CPU: the same windows on any device), "noise" (t, masks: on device)."""
     return {"data": torch.Generator().manual_seed(seed), "noise": torch.Generator(device=device).manual_seed(seed + 1)}
 
 
 def run_state(meta, model, opt, ema, gens, it, history):
-    """A training run's checkpoint: its description (meta: config, kind, tokenizer, schedule, args, ...: what makes
-    it self-describing) and everything --resume needs (weights, EMA, optimizer, step, eval history, RNG states)."""
+    """A run's checkpoint: meta (config, kind, tokenizer, args, ...) and all that an exact --resume needs."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
            **{name: g.get_state() for name, g in gens.items()}}
     return {**meta, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -337,8 +300,8 @@ def restore_run(ckpt, model, opt, ema, gens):
 
 
 def save_run(state, path, intact=None):
-    """Write a run's checkpoint (rank 0 only under DDP). A failed write (disk full, permissions) is one UserError
-    that names what is intact: `intact` = (the last good ckpt.pt, its iter), or None when none was written."""
+    """Write a run's checkpoint (rank 0 only). A failed write (disk full, permissions) is one UserError naming
+    what is intact: `intact` = (the last good ckpt.pt, its iter), or None when none was written."""
     if dist.rank_world()[0] != 0:
         return
     try:
@@ -350,18 +313,15 @@ def save_run(state, path, intact=None):
         raise UserError(f"could not write {path} at iter {state['iter']} ({write_error(e, path)}); {ok}") from None
 
 
-PREEMPTED = 143  # exit status after SIGTERM (128 + 15, as if killed by it): checkpoint written, run incomplete
-STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", PREEMPTED), signal.SIGINT: ("Ctrl-C", 130)}
-
-
 class StopSignals:
-    """SIGTERM (a scheduler's preemption) and Ctrl-C only ask the loop to stop after the current step, which it
-    does after writing ckpt.pt (then exit status 143 / 130: `stop`); a second Ctrl-C aborts at once
-    (KeyboardInterrupt: a save in progress is abandoned and its temp file removed, the last checkpoint stays)."""
+    """SIGTERM (a scheduler's preemption) and Ctrl-C ask the loop to stop after the current step and write
+    ckpt.pt (`stop`). A second Ctrl-C aborts at once: the save in progress is abandoned, the last ckpt.pt stays."""
+    # the exit status: 128 + the signal's number, as if killed by it (ckpt.pt is written, the run incomplete)
+    SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("Ctrl-C", 130)}
 
     def __init__(self):
         self.got = []
-        self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame=None):
         if signum == signal.SIGINT and signal.SIGINT in self.got:
@@ -380,7 +340,7 @@ class StopSignals:
     def stop(self, it, max_iters, out_dir):
         """After the checkpoint of step `it` is written: one line saying how to continue, and the exit status."""
         dist.barrier()  # rank 0 has written ckpt.pt
-        name, status = STOP_SIGNALS[(self.got or [signal.SIGTERM])[0]]
+        name, status = self.SIGNALS[(self.got or [signal.SIGTERM])[0]]
         if dist.rank_world()[0] == 0:
             print(f"\n{name}: stopped after iter {it}/{max_iters} and wrote {out_dir}/ckpt.pt; continue with the "
                   f"same command plus --resume (exit status {status})", file=sys.stderr, flush=True)

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from . import bpe
-from .common import DataError, commit_files, pid_alive
+from .common import commit_files, pid_alive
 from .dist import rank0_first
+from .errors import DataError
 from .sources import HF_SOURCES, doc_texts, hash_documents, hf_documents, local_documents
 from .tokenizers import BPETokenizer, get_tokenizer, tokenizer_from_spec
 

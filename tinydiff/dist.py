@@ -1,9 +1,6 @@
-"""Data parallelism across processes with PyTorch DDP, launched by torchrun (one process per GPU).
-
-torchrun puts RANK, WORLD_SIZE and LOCAL_RANK in each process's environment. A plain `python train.py`
-has none of them, and then everything here is a no-op (rank 0 of 1, no process group). Under torchrun
-every rank runs the whole script; rank 0 alone prints, evaluates and writes checkpoints (loop.py).
-"""
+"""Data parallelism with PyTorch DDP under torchrun (one process per GPU; each runs the whole script, rank 0
+alone prints, evaluates and writes checkpoints). Without torchrun's RANK, WORLD_SIZE and LOCAL_RANK in the
+environment everything here is a no-op: rank 0 of 1, no process group."""
 import atexit
 import contextlib
 import datetime
@@ -27,9 +24,8 @@ def rank_world():
 
 
 def init(device):
-    """Join the process group when launched by torchrun; returns (rank, world size).
-    CUDA: nccl, and this process drives GPU LOCAL_RANK ("cuda" means cuda:LOCAL_RANK from here on).
-    CPU: gloo. Ranks other than 0 send stdout to /dev/null (errors, on stderr, still show)."""
+    """Join the process group when launched by torchrun; returns (rank, world size). CUDA: nccl, and "cuda"
+    means cuda:LOCAL_RANK from here on; CPU: gloo. Ranks but 0 send stdout to /dev/null (stderr still shows)."""
     global _ctl
     if "RANK" not in os.environ or active():
         return rank_world()
@@ -42,8 +38,8 @@ def init(device):
     elif device != "cpu":
         raise UserError(f"torchrun (DDP) runs on CUDA (nccl) or CPU (gloo), not on {device}: use --device cuda or cpu")
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    # long timeout: rank 0 may tokenize a whole corpus while the others wait (rank0_first). A rank that
-    # dies makes torchrun stop the others, and NCCL's watchdog still catches stuck collectives.
+    # long timeout: rank 0 may tokenize a whole corpus while the others wait (rank0_first); a rank that dies
+    # makes torchrun stop the others, and NCCL's watchdog still catches stuck collectives
     _ctl = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
     atexit.register(lambda: active() and dist.destroy_process_group())
     if rank != 0:
@@ -66,7 +62,7 @@ def agree(flag):
 
 
 def no_sync(net, skip):
-    """DDP's no_sync() when skip (a micro-batch that is not the step's last: no gradient all-reduce), else nothing."""
+    """DDP's no_sync() when skip (a micro-batch that is not the step's last: no gradient all-reduce)."""
     return net.no_sync() if skip and active() else contextlib.nullcontext()
 
 

@@ -1,20 +1,8 @@
-"""A training run's output folder (--out_dir): claimed before any work starts, released at exit.
-
-claim() makes sure that nothing already written is lost and that output problems show before the
-training, not at its first save:
-- a folder that holds ckpt.pt is refused unless the run continues it (--resume) or replaces it
-  (--overwrite); --resume without a ckpt.pt is refused too;
-- OUT_DIR/.lock, held with flock for the life of the process, stops a second run writing the same
-  folder (the kernel releases it when the process dies, however it dies: a lock left by a killed run
-  is taken over, with a note);
-- the folder is created and a probe file written, synced and removed: an out_dir that is a file, an
-  unwritable folder or a read-only disk is one `error:` line;
-- temp files of a save that was killed (.ckpt.pt.tmpPID, see common.temp_path) are removed: while
-  we hold the lock no other process can be writing them.
-check_space() then compares the free space with the size of a checkpoint of the built model.
-Under torchrun only rank 0 claims the folder (it alone writes checkpoints, tinydiff/loop.py).
-"""
+"""A training run's output folder (--out_dir), claimed before any work starts and released at exit: nothing
+already written is lost, and output problems show before the training, not at its first save. Under torchrun
+only rank 0 claims and checks it (it alone writes checkpoints)."""
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -34,20 +22,19 @@ class Claim:
         """Unlock and remove the lock file; remove the folder if this run created it and wrote nothing."""
         if self.fd is None:
             return
-        lock, fd, self.fd = self.out_dir / LOCK, self.fd, None
-        try:
-            lock.unlink(missing_ok=True)  # before unlocking: a waiting claim then retries on a fresh file
+        fd, self.fd = self.fd, None
+        try:  # remove the file before unlocking: a waiting claim then retries on a fresh one
+            (self.out_dir / LOCK).unlink(missing_ok=True)
         finally:
             os.close(fd)  # releases the flock
         if self.created:
-            try:
+            with contextlib.suppress(OSError):
                 self.out_dir.rmdir()  # only when empty
-            except OSError:
-                pass
 
 
 def claim(out_dir, resume=False, overwrite=False):
-    """Claim out_dir for a training run (see the module docstring); returns a Claim, released at exit."""
+    """Claim out_dir for a training run: lock it, probe that it takes a file, refuse to lose a checkpoint
+    (ckpt.pt only with --resume or --overwrite), remove temp files of a killed save. Released at exit."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     out_dir = Path(out_dir)
@@ -60,8 +47,7 @@ def claim(out_dir, resume=False, overwrite=False):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}): choose a folder you can write") from None
-    fd = _lock(out_dir)
-    c = Claim(out_dir, fd, created)
+    c = Claim(out_dir, _lock(out_dir), created)
     atexit.register(c.release)
     try:
         _probe(out_dir)
@@ -71,7 +57,7 @@ def claim(out_dir, resume=False, overwrite=False):
         if ckpt.exists() and not (resume or overwrite):
             raise UserError(f"{out_dir} already holds a checkpoint ({ckpt}): continue that run with --resume, "
                             f"replace it with --overwrite, or choose another --out_dir")
-        for tmp in out_dir.iterdir():
+        for tmp in out_dir.iterdir():  # while we hold the lock, no other process can be writing them
             if _TEMP.match(tmp.name) and tmp.is_file():
                 size = tmp.stat().st_size
                 tmp.unlink()
@@ -83,7 +69,8 @@ def claim(out_dir, resume=False, overwrite=False):
 
 
 def _lock(out_dir):
-    """flock OUT_DIR/.lock without waiting; the file holds the owner's pid for the message."""
+    """flock OUT_DIR/.lock without waiting and write our pid in it (for a second run's message). An flock, as
+    the kernel releases it when the process dies, however it dies: a killed run's lock file is taken over."""
     import fcntl  # POSIX
     path = out_dir / LOCK
     while True:
@@ -98,19 +85,15 @@ def _lock(out_dir):
             os.close(fd)
             raise UserError(f"--out_dir {out_dir} is in use by another run (process {owner}): wait for it to end, "
                             f"or choose another --out_dir") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:  # not a file its previous owner removed while we opened it
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its previous owner removed meanwhile
+                break
         os.close(fd)
     previous = os.read(fd, 100).decode(errors="replace").strip()
     if previous:
         print(f"note: {path} was left by process {previous}, which is gone: taking it over")
     os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, str(os.getpid()).encode())
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
 
 
@@ -131,23 +114,22 @@ def _probe(out_dir, what=None):
 
 def check_writable(path):
     """A file a script will write at its end (sample.py --out): its folder must exist and take a file now."""
-    folder = Path(path).parent
     if Path(path).is_dir():
         raise UserError(f"{path} is a folder: give a file name")
+    folder = Path(path).parent
     if not folder.is_dir():
         raise UserError(f"the folder of {path} ({folder}) does not exist: create it or give another path")
     _probe(folder, what=str(path))
 
 
 def checkpoint_bytes(model, copies):
-    """Bytes of a checkpoint holding `copies` copies of the model's parameters (weights, EMA, AdamW's two
-    moments: 4), plus a little for the rest."""
+    """Bytes of a checkpoint with `copies` copies of the parameters (weights, EMA, AdamW's two moments)."""
     return copies * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 20
 
 
 def check_space(out_dir, need):
-    """A clear error before training when the disk cannot hold the checkpoints (the temp file of a save
-    sits beside the previous checkpoint until it replaces it)."""
+    """A clear error before training when the disk cannot hold the checkpoints (a save's temp file sits beside
+    the previous checkpoint until it replaces it)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     free = shutil.disk_usage(out_dir).free

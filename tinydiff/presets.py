@@ -1,22 +1,16 @@
-"""Named recipes from the papers. `--preset NAME` makes a preset's values the script's defaults (printed
-when applied; tinydiff/run.py parse); any flag given on the command line still overrides them.
+"""Named recipes from the papers. `--preset NAME` makes a preset's values the script's defaults (printed when
+applied); flags given on the command line still override them. What each costs (tokens, estimated GPU hours
+from the FLOP count): `python -m tinydiff.presets`.
 
-    python train.py --preset mdlm-owt-small                      # MDLM small on OpenWebText, the paper's recipe
-    python train.py --preset mdlm-owt-small --max_iters 100000   # the same recipe, shorter
-    python train.py --preset ar-owt-small                        # the AR baseline of the same size
+    python train.py --preset mdlm-owt-small --max_iters 100000   # MDLM small on OpenWebText, shorter
     python distill.py --preset sdtt-paper                        # SDTT from the published MDLM, 7 rounds
 
-What each costs (tokens, estimated GPU hours from the FLOP count): `python -m tinydiff.presets`.
-
-Sources: MDLM (Sahoo et al. 2024) section 4 / appendix and its repository (configs/config.yaml,
-configs/model/small.yaml, medium.yaml): AdamW lr 3e-4 (betas 0.9/0.999, no weight decay), 2.5k linear
-warm-up then constant, global batch 512 x 1024 tokens, 1M steps, bf16, grad clip 1, EMA 0.9999, dropout
-0.1, windows [BOS] + 1022 tokens + [EOS] (--framing bos_eos: mdlm dataloader.py), dropout on the residual
-branches only (--dropout_sites residual: models/dit.py). -medium (24/1024/16) is MDLM's medium config,
--large (24/1536/16) SDTT's large scaling model; the SDTT scaling teachers trained 400k steps, which these
-two presets use. SDTT (Deschenaux & Gulcehre 2025)
-section 4: 7 rounds x 10k steps, batch 128, lr 6e-5, 500 warm-up, teacher 1024 steps, EMA 0.9999.
-The global batch is micro-batch x accumulation; sizes are set for one 80 GB GPU.
+Sources: MDLM (Sahoo et al. 2024) section 4 / appendix and its repository (configs/config.yaml, model/small.yaml,
+medium.yaml): AdamW lr 3e-4 (betas 0.9/0.999, no weight decay), 2.5k linear warm-up then constant, global batch
+512 x 1024 tokens, 1M steps, bf16, grad clip 1, EMA 0.9999, dropout 0.1. -medium (24/1024/16) is MDLM's medium
+config, -large (24/1536/16) SDTT's large scaling model; SDTT's scaling teachers trained 400k steps, as these two
+do. SDTT (Deschenaux & Gulcehre 2025) section 4: 7 rounds x 10k steps, batch 128, lr 6e-5, 500 warm-up, teacher
+1024 steps, EMA 0.9999. The global batch is micro-batch x accumulation; sizes are set for one 80 GB GPU.
 """
 import torch
 
@@ -54,8 +48,7 @@ COST_ASSUMPTION = f"one H100 SXM at {MFU:.0%} of its {H100_BF16_PEAK / 1e12:.0f}
 
 
 def preset_model(name):
-    """The transformer a preset trains (sdtt-paper: MDLM small, the published teacher), on the meta device:
-    shapes and counts without allocating memory."""
+    """The transformer a preset trains (sdtt-paper: MDLM small), on the meta device: no memory allocated."""
     from .model import ModelConfig, Transformer
     p = PRESETS[name]
     if p["script"] == "distill.py":
@@ -67,15 +60,12 @@ def preset_model(name):
 
 
 def preset_cost(name):
-    """Tokens processed and estimated GPU hours of a preset, from Transformer.estimate_flops_per_token
-    (matmul FLOPs; forward + backward = 3x forward) under COST_ASSUMPTION.
-    SDTT: per token, the student's forward + backward (3F) plus the teacher's n_teacher_steps forward
-    passes that build the targets (2F), so 5F."""
+    """Tokens processed and estimated GPU hours of a preset under COST_ASSUMPTION, from the matmul FLOPs
+    (estimate_flops_per_token: forward + backward = 3 forwards; SDTT adds the teacher's n_teacher_steps forwards)."""
     p, model = PRESETS[name], preset_model(name)
     if p["script"] == "distill.py":
         steps = p["rounds"] * p["iters_per_round"]
-        forward = model.estimate_flops_per_token(p["seq_len"], backward=False)
-        per_token = 3 * forward + p["n_teacher_steps"] * forward
+        per_token = (3 + p["n_teacher_steps"]) * model.estimate_flops_per_token(p["seq_len"], backward=False)
     else:
         steps = p["max_iters"]
         per_token = model.estimate_flops_per_token(p["seq_len"])

@@ -9,7 +9,8 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
-from .common import DataError, commit_files
+from .common import commit_files
+from .errors import DataError
 
 
 # ----------------------------------------------------------------------------- local sources

@@ -7,7 +7,8 @@ import json
 import numpy as np
 
 from . import bpe
-from .common import DataError, tokenizer_key
+from .common import tokenizer_key
+from .errors import DataError
 
 
 class Tokenizer:
