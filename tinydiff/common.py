@@ -7,6 +7,8 @@ import ctypes
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
 import sys
@@ -177,15 +179,36 @@ def load_checkpoint(path, kind=None, tokenizer=None, script=None, what=None, fix
             raise UserError(f"checkpoint {path} is a folder: give the file, e.g. {os.path.join(path, 'ckpt.pt')}")
         if not os.path.isfile(path):
             raise UserError(f"checkpoint {path} does not exist: train one with train.py (it writes OUT_DIR/ckpt.pt)")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: tensors and plain containers only; a full pickle could run any code on load
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # what a safe load refuses: a pickled object that is not data
+            why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # the callable the file would run
+            called = f"it would call {why.group(1)}" if why else "not plain data"
+            raise UserError(f"checkpoint {path} holds objects that a safe load (torch.load weights_only=True) refuses "
+                            f"({called}): tinydiff checkpoints hold tensors and plain values only, and a file that "
+                            f"needs full unpickling can run code on your machine: use it only if you trust its "
+                            f"source, and convert it yourself") from None
         except Exception as e:  # truncated, not a torch file, ...
             raise UserError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}): "
                             f"re-train or point to another checkpoint") from None
         if not isinstance(ckpt, dict) or not {"config", "model", "kind", "tokenizer"} <= set(ckpt):
             raise UserError(f"{path} is not a tinydiff checkpoint (missing config/model/kind/tokenizer)")
+    check_fields(ckpt, what or path)
     check_checkpoint(ckpt, kind, tokenizer, script, what or path, fix)
     return ckpt
+
+
+def check_fields(ckpt, what):
+    """The fields every script reads have the types it expects: one UserError naming the field otherwise."""
+    tok = ckpt.get("tokenizer")
+    fields = {"config": isinstance(ckpt.get("config"), dict), "model": isinstance(ckpt.get("model"), dict),
+              "kind": ckpt.get("kind") in ("mdlm", "ar"),
+              "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str)
+              and isinstance(tok.get("vocab_size"), int)}
+    bad = [k for k, ok in fields.items() if not ok]
+    if bad:
+        raise UserError(f"{what} is damaged or not a tinydiff checkpoint: its {', '.join(bad)} field"
+                        f"{'s have' if len(bad) > 1 else ' has'} the wrong type; re-train or point to another checkpoint")
 
 
 def tokenizer_key(spec):
