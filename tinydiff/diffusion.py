@@ -1,4 +1,5 @@
-"""Masked (absorbing-state) diffusion: schedules, forward masking, SUBS log-probs, NELBO (docs/mdlm.md §2-4).
+"""Masked (absorbing-state) diffusion: schedules, forward masking, SUBS log-probs, NELBO (docs/mdlm.md §2-4),
+and the float64 draws of one reverse step (MDLM eq. 7; the samplers' loops are in tinydiff/sampling.py).
 
 Notation: x clean tokens (B, L); z_t noised tokens where each position is [MASK] with probability
 1 - alpha_t; mask_id = the last embedding row. Sahoo et al. 2024 (MDLM), eqs. 8-11.
@@ -189,3 +190,49 @@ def val_bound(model, val_x, schedule, mask_id, n_draws=4, seed=0, batch_size=32,
 
 def bound_to_ppl(nats):
     return math.exp(min(nats, 700.0))
+
+
+# ----------------------------------------------------------------------------- the reverse step's draws
+# One step of the reverse process (MDLM eq. 7) reveals a masked position with a token drawn from p_theta(. | z_t),
+# [MASK] excluded. The draws are float64: fp32 Gumbel noise truncates its tail, which silently lowers the
+# temperature (Zheng et al. 2024). Used by every sampler (tinydiff/sampling.py) and by SDTT's teacher steps.
+
+def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """Temperature, top-k and nucleus (top-p) filtering of logits (n, V), in float64."""
+    logits = logits.double()  # (n, V); may alias the input, so only out-of-place ops on it below
+    if temperature != 1.0:  # x / 1 == x exactly: skip a full pass over (n, V) in the common case
+        logits = logits / max(temperature, 1e-8)
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (n, V)
+        probs = sorted_logits.softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p: drop a token once the tokens before it
+        # already reach it (>=, not >: with mass exactly top_p before it, it is not needed), and
+        # always keep the most likely one
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
+    """One categorical draw per row of logits (n, V) -> (n,), by Gumbel-max in float64.
+    temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits, temperature, top_k, top_p)  # (n, V) float64
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)  # (n, V)
+    gumbel = u.log_().neg_().log_().neg_()  # -log(-log u) in place (same values, no new (n, V) buffers); u = 0 -> -inf
+    return gumbel.add_(logits).argmax(-1)
+
+
+@torch.no_grad()
+def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top_k=0, top_p=1.0):
+    """One ancestral reveal, in place: x[rows] <- a float64 draw from softmax(logits[rows]) with the
+    [MASK] id excluded (SUBS: never predict the mask). rows: an index tuple from nonzero()."""
+    chosen = logits[rows].double()  # (n, V)
+    chosen[:, mask_id] = float("-inf")
+    x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)

@@ -11,60 +11,19 @@ applied to the denoiser's output by every sampler, and the sampler's own (SAMPLE
 The samplers: ancestral (MDLM eq. 7: diffusion_sample, the model's own law), confidence, threshold,
 remdm, semi_ar. Adding one: a function with the samplers' signature, decorated @register(name, knob=Knob(...)).
 
-Every random draw is float64: fp32 Gumbel noise truncates its tail, which silently lowers the
-temperature (Zheng et al. 2024, arXiv 2409.02908: MDLM 2048-step gen PPL 31 in fp32 vs 126 in fp64).
+Every random draw is float64 (diffusion.sample_tokens: fp32 Gumbel noise truncates its tail, which silently
+lowers the temperature; Zheng et al. 2024, arXiv 2409.02908: MDLM 2048-step gen PPL 31 in fp32 vs 126 in fp64).
 """
 import math
 from typing import NamedTuple
 
 import torch
 
-from .diffusion import T_END, get_schedule
+from .diffusion import T_END, filter_logits, get_schedule, reveal_tokens, sample_tokens  # noqa: F401 (re-exported)
 from .errors import UserError
 
 
-# ----------------------------------------------------------------------------- draws
-
-def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """Temperature, top-k and nucleus (top-p) filtering of logits (n, V), in float64."""
-    logits = logits.double()  # (n, V); may alias the input, so only out-of-place ops on it below
-    if temperature != 1.0:  # x / 1 == x exactly: skip a full pass over (n, V) in the common case
-        logits = logits / max(temperature, 1e-8)
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (n, V)
-        probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p: drop a token once the tokens before it
-        # already reach it (>=, not >: with mass exactly top_p before it, it is not needed), and
-        # always keep the most likely one
-        drop = probs.cumsum(-1) - probs >= top_p
-        drop[..., 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits
-
-
-def sample_tokens(logits, generator=None, temperature=1.0, top_k=0, top_p=1.0):
-    """One categorical draw per row of logits (n, V) -> (n,), by Gumbel-max in float64.
-    temperature 0 means argmax."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits, temperature, top_k, top_p)  # (n, V) float64
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)  # (n, V)
-    gumbel = u.log_().neg_().log_().neg_()  # -log(-log u) in place (same values, no new (n, V) buffers); u = 0 -> -inf
-    return gumbel.add_(logits).argmax(-1)
-
-
-@torch.no_grad()
-def reveal_tokens(x, logits, rows, mask_id, generator=None, temperature=1.0, top_k=0, top_p=1.0):
-    """One ancestral reveal, in place: x[rows] <- a float64 draw from softmax(logits[rows]) with the
-    [MASK] id excluded (SUBS: never predict the mask). rows: an index tuple from nonzero()."""
-    chosen = logits[rows].double()  # (n, V)
-    chosen[:, mask_id] = float("-inf")
-    x[rows] = sample_tokens(chosen, generator, temperature, top_k, top_p)
-
+# ----------------------------------------------------------------------------- the ancestral sampler, AR decoding
 
 def greedy_fill(x, logits, model, mask_id):
     """Masks left after a sampler's last step get one argmax pass (counted in NFE: returns 0 or 1)."""

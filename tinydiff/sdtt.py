@@ -12,8 +12,7 @@ which looks like a typo of the above; we do not reproduce it.
 """
 import torch
 
-from .diffusion import T_END, masked_log_probs, subs_log_probs
-from .sampling import reveal_tokens
+from .diffusion import T_END, masked_log_probs, reveal_tokens, subs_log_probs
 
 DIVERGENCES = ("kl_bwd", "kl_fwd", "mse", "tvd")
 
@@ -52,7 +51,7 @@ def sdtt_targets(teacher, z_t, t, n_steps, delta, mask_id, schedule, generator=N
         p_reveal = (a_s - a_t) / (1 - a_t)  # (B,) float64
         u = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)  # (B, L)
         rows = (masked & (u < p_reveal[:, None])).nonzero(as_tuple=True)
-        reveal_tokens(z, logits, rows, mask_id, generator)  # the sampler's own reveal step
+        reveal_tokens(z, logits, rows, mask_id, generator)  # the samplers' own reveal step
     return target
 
 
