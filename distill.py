@@ -305,7 +305,7 @@ def main():
                             loss = sdtt_loss(fwd, teacher_fwd, z, t, K, args.n_teacher_steps, mask_id, schedule,
                                              rank_gen, args.loss)
                         else:  # soft targets: (1 - lam) onehot(x) + lam pi (tinydiff/tcs.py)
-                            ids, logp = targets(x)  # (B, L, K') each, computed once per window
+                            ids, logp = targets(x)  # (B, L, K') each: compute(x), once per window (a cache)
                             loss, logs = tcs_loss(fwd, x, z, t, ids, logp, mask_id, args.tcs_lambda, schedule)
                     (loss / args.grad_accum).backward()
                 loss_sum = loss_sum + loss.detach() / args.grad_accum
@@ -349,8 +349,8 @@ def main():
                 eval_seconds += seconds
             due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
             if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
-                save_run(run_state(meta, student, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt",
-                         saved and (f"{args.out_dir}/ckpt.pt", saved))
+                intact = (f"{args.out_dir}/ckpt.pt", saved) if saved else None  # named if this save fails
+                save_run(run_state(meta, student, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt", intact)
                 last_save, saved = time.time(), it
             if stop and it < args.max_iters:
                 bar.close()

@@ -41,8 +41,8 @@ parser.add_argument("--n_embd", type=int, default=128, help="model width")
 parser.add_argument("--dropout", type=float, default=0.0, help="dropout (MDLM on OWT: 0.1)")
 parser.add_argument("--tie_embeddings", action="store_true", help="share input embedding and output head")
 parser.add_argument("--schedule", default="loglinear", choices=list(SCHEDULES),
-                    help="MDLM noise schedule alpha_t (docs/mdlm.md §2): loglinear (MDLM's) or cosine; recorded in "
-                         "the checkpoint, which every later script follows")
+                    help=f"MDLM noise schedule alpha_t (docs/mdlm.md §2): {', '.join(SCHEDULES)} (loglinear: MDLM's); "
+                         "recorded in the checkpoint, which every later script follows")
 parser.add_argument("--init_from", default=None,
                     help="start from these weights (fresh optimizer): a checkpoint path, hf:kuleshov-group/mdlm-owt, "
                          "hf:jdeschena/sdtt@REVISION (MDLM), or gpt2 / gpt2-medium / gpt2-large (--model ar)")
@@ -194,8 +194,8 @@ def main():
             eval_seconds += seconds
         due = args.ckpt_minutes > 0 and time.time() - last_save >= 60 * args.ckpt_minutes
         if it % args.ckpt_interval == 0 or it == args.max_iters or stop or due:
-            save_run(run_state(meta, model, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt",
-                     saved and (f"{args.out_dir}/ckpt.pt", saved))
+            intact = (f"{args.out_dir}/ckpt.pt", saved) if saved else None  # named if this save fails
+            save_run(run_state(meta, model, opt, ema, gens, it, history), f"{args.out_dir}/ckpt.pt", intact)
             last_save, saved = time.time(), it
         if stop and it < args.max_iters:
             bar.close()

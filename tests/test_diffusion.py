@@ -41,7 +41,7 @@ def test_schedule_weight_is_the_nelbo_weight(name):
     assert ends.tolist() == pytest.approx([1.0, s.eps], abs=1e-12)
     assert (s.alpha(torch.linspace(0, 1, 101, dtype=torch.float64)).diff() < 0).all()
     again = get_schedule(schedule_spec(s))
-    assert type(again) is type(s) and schedule_spec(again) == schedule_spec(s) == {"name": name, "eps": s.eps}
+    assert type(again) is type(s) and schedule_spec(again) == schedule_spec(s) and schedule_spec(s)["name"] == name
 
 
 def test_a_checkpoint_without_a_schedule_is_loglinear():

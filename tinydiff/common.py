@@ -204,7 +204,7 @@ def check_fields(ckpt, what):
     fields = {"config": isinstance(ckpt.get("config"), dict), "model": isinstance(ckpt.get("model"), dict),
               "kind": ckpt.get("kind") in ("mdlm", "ar"),
               "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str)
-              and isinstance(tok.get("vocab_size"), int)}
+              and isinstance(tok.get("vocab_size", 0), int)}
     bad = [k for k, ok in fields.items() if not ok]
     if bad:
         raise UserError(f"{what} is damaged or not a tinydiff checkpoint: its {', '.join(bad)} field"

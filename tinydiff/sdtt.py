@@ -64,7 +64,7 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
     mse = (1/|V|) Σ_v (log p_s - log p_t)² (on log-probs, a mean over the vocabulary: the 1/|Ω| weight of
     paper eq. 11, as the official code's F.mse_loss; |V| counts the [MASK] column, whose term is 0),
     tvd = ½ Σ_v |p_s - p_t| (on probabilities).
-    The mask column (probability 0 in both) is dropped so no 0·(-inf) appears.
+    The mask column (probability 0 in both) is dropped, so the [MASK] id adds no 0·(-inf).
     """
     dtype = torch.promote_types(student_logp.dtype, torch.float32)
     keep = torch.arange(student_logp.shape[-1], device=student_logp.device) != mask_id  # (V,)
@@ -76,7 +76,8 @@ def divergence(student_logp, target_logp, masked, kind, mask_id):
     if kind == "kl_bwd":
         per_pos = (ls.exp() * (ls - lt)).sum(-1)  # (B, L)
     elif kind == "kl_fwd":
-        per_pos = (lt.exp() * (lt - ls)).sum(-1)
+        # a token the target gives probability 0 (an exact teacher can) adds 0, not 0 * (-inf) = nan
+        per_pos = torch.where(lt > float("-inf"), lt.exp() * (lt - ls), 0.0).sum(-1)
     elif kind == "mse":
         # a mean over the vocabulary, not a sum: a sum is |V| (~50k at GPT-2 scale) times larger, so with
         # clip 1 every step would be clipped and Adam's step weighting would change

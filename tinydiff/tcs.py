@@ -321,10 +321,11 @@ def tcs_terms(logits, x, z, t, ids, logp, mask_id, lam=1.0, schedule=None):
     targets never put mass on the student's [MASK] id (not a teacher token; -inf under SUBS)."""
     schedule = get_schedule(schedule)
     logp_s = masked_log_probs(logits, mask_id)  # (B, L, V+1), -inf at the mask id
-    w = schedule.weight(t)[:, None] * (z == mask_id)  # (B, L): w(t) (log-linear: 1/t) at masked positions, else 0
-    nelbo = w * -logp_s.gather(-1, x[..., None]).squeeze(-1)  # (B, L)
+    w, masked = schedule.weight(t)[:, None], z == mask_id  # (B, 1) w(t) (log-linear: 1/t); (B, L)
     p = logp.exp().to(logp_s.dtype)  # (B, L, K')
-    tcs = w * -torch.where(p > 0, p * logp_s.gather(-1, ids), torch.zeros_like(p)).sum(-1)  # (B, L)
+    # where, not a product with the mask: a clean position may carry -log p = inf (0 * inf = nan)
+    nelbo = torch.where(masked, w * -logp_s.gather(-1, x[..., None]).squeeze(-1), 0.0)  # (B, L)
+    tcs = torch.where(masked, w * -torch.where(p > 0, p * logp_s.gather(-1, ids), 0.0).sum(-1), 0.0)  # (B, L)
     return (1 - lam) * nelbo + lam * tcs, nelbo, tcs
 
 
