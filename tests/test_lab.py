@@ -4,6 +4,7 @@ matrix built from the lab's definition (words, successor table) -- not from its 
 Statistical checks (the samplers) use chi-square / standard-error tolerances at family-wise error 1e-4
 with fixed seeds, as tests/test_diffusion.py does.
 """
+import dataclasses
 import itertools
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import torch
 
 from harness import chi2_gof, exact_nelbo, exact_sampler_law, tv, z_threshold
 from tinydiff.diffusion import LogLinearSchedule
-from tinydiff.lab import Lab, LabParams, OracleAR, OracleDenoiser, canonical_source, parse_spec
+from tinydiff.lab import PRESETS, Lab, LabParams, OracleAR, OracleDenoiser, canonical_source, parse_spec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -219,3 +220,16 @@ def test_spec():
                        ("lab:W=100,A=2,max_len=3", "too few words")]:
         with pytest.raises(ValueError, match=words):
             parse_spec(bad)
+
+
+def test_preset_resolves_to_its_full_spec():
+    """A named instance is only a shorthand: it resolves to every parameter (checkpoints and data folders record
+    the full spec), later items override it, and an unknown name is a clear error. The literal spec below is the
+    one docs/lab.md §e documents: changing the preset changes the lab every §e number refers to."""
+    full = ("lab:W=8,A=12,b=3,zipf=1.0,p_end=0.03,delta=0.02,min_len=3,max_len=3,seed=0,"
+            "train_tokens=16777216,val_tokens=1048576")
+    assert canonical_source("lab:easy") == full
+    assert parse_spec("lab:easy") == parse_spec(full) == LabParams(**PRESETS["easy"])
+    assert parse_spec("lab:easy,seed=3") == dataclasses.replace(parse_spec(full), seed=3)
+    with pytest.raises(ValueError, match="unknown lab preset 'hard'"):
+        parse_spec("lab:hard")

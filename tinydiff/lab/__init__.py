@@ -7,6 +7,6 @@ A research instrument beside the lesson: the scripts reach it through `--data la
                   the exact denoiser / AR model / TCS targets
     evaluate.py   exact metrics of sample sets and models (true CE, valid words, word TV, bound gap, per rate)
 """
-from .language import (LETTERS, Lab, LabParams, LabTokenizer, OracleAR, OracleDenoiser, canonical_source,  # noqa: F401
-                       oracle_targets, parse_spec, prepare_lab)
+from .language import (LETTERS, PRESETS, Lab, LabParams, LabTokenizer, OracleAR, OracleDenoiser,  # noqa: F401
+                       canonical_source, oracle_targets, parse_spec, prepare_lab)
 from .evaluate import heldout_gap, lab_metrics, lab_of, lab_table, per_rate, window_word_law, words_of  # noqa: F401
