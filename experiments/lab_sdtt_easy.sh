@@ -80,21 +80,30 @@ kl() {  # why: the student against its teacher's two-step target and against the
         once logs/labeasy-kl-exact-s$s.log labeasy-kl-exact-s$s python experiments/lab_sdtt_kl.py --run $R/exact-s$s \
             --teacher $R/teacher/ckpt.pt --K0 128 --exact_teacher
     done
+    # the floor and the distance to the optimum g with 32 target draws (the plug-in floor is biased low by ~1/M)
+    once logs/labeasy-kl32-sdtt-s1.log labeasy-kl32-sdtt-s1 python experiments/lab_sdtt_kl.py --run $R/sdtt-s1 \
+        --teacher $R/teacher/ckpt.pt --K0 128 --draws 32
+    once logs/labeasy-kl32-exact-s1.log labeasy-kl32-exact-s1 python experiments/lab_sdtt_kl.py --run $R/exact-s1 \
+        --teacher $R/teacher/ckpt.pt --K0 128 --draws 32 --exact_teacher
 }
 
-probe() {  # why: round 4 of seed 1 again (teacher = its round-3 student, 16 -> 8 steps) with other learning rates / lengths
+probe() {  # why: round 4 of seed 1 again (teacher = its round-3 student, 16 -> 8 steps), one thing changed per
+            # variant: the learning rate, its schedule, or the round's length (the first is the run's own round 4)
     local P="--method sdtt --teacher $R/sdtt-s1/round3.pt --rounds 1 --teacher_steps 16 --batch_size 64 --warmup 20 --ema 0.99 \
              --eval_tokens 16384 --seed 1"
     local a=() p=()
-    for v in "lr3e-4 500 3e-4 constant" "lr1e-4 500 1e-4 constant" "cos3e-4 500 3e-4 cosine" "lr3e-4x4 2000 3e-4 constant"; do
+    for v in "lr3e-4 500 3e-4 constant" "lr1e-3 500 1e-3 constant" "lr3e-3 500 3e-3 constant" "cos1e-3 500 1e-3 cosine" \
+             "lr1e-3x4 2000 1e-3 constant"; do
         set -- $v
         once $R/probe-$1/round1.pt labeasy-probe-$1 python distill.py $P --iters_per_round $2 --lr $3 --lr_schedule $4 \
             --out_dir $R/probe-$1
-        once logs/labeasy-probe-kl-$1.log labeasy-probe-kl-$1 python experiments/lab_sdtt_kl.py --run $R/probe-$1 \
-            --teacher $R/sdtt-s1/round3.pt --teacher_raw --K0 16 --rounds 1
-        a+=(probe-$1=$R/probe-$1/round1.pt@8); p+=(--pair sdtt-s1-r4@8:probe-$1@8)
+        a+=(probe-$1=$R/probe-$1/round1.pt@8); p+=(--pair control-s1-r4@8:probe-$1@8)
     done
     run labeasy-probe-table python experiments/lab_paired.py --dir $E $EV "${a[@]}" "${p[@]}" --pair control-s1-r4@8:sdtt-s1-r4@8
+    for v in lr3e-4 lr1e-3 lr3e-3 cos1e-3 lr1e-3x4; do
+        once logs/labeasy-probe-kl-$v.log labeasy-probe-kl-$v python experiments/lab_sdtt_kl.py --run $R/probe-$v \
+            --teacher $R/sdtt-s1/round3.pt --teacher_raw --K0 16 --rounds 1
+    done
 }
 
 tables() {  # the §e tables from the sample sets above

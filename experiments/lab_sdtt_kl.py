@@ -13,8 +13,9 @@ z_t. A one-step student sees z_t only: the best it can do against KL(S || target
 mean of the targets, g = softmax(E log target), and E KL(g || target) is the FLOOR of the round's loss that no
 one-step denoiser can go below (estimated with the M draws: the plug-in g, biased low by ~1/M).
 Printed per round (mean per masked position, ± s.e. over windows): KL(S0 || T) and KL(S || T) (the loss the
-round minimises, before and after), its floor; KL(S || X) and the floor against X; KL(X || T) (how far the
-teacher's target is from the exact one). --exact_teacher: the run's teacher was the exact denoiser (T = X).
+round minimises, before and after), its floor; KL(S0 || g) and KL(S || g), what the round can still remove
+(E KL(S || T) = KL(S || g) + floor; with the plug-in g it is biased high, by the noise of g, ~1/M);
+KL(S || X) and the floor against X; KL(X || T) (how far the teacher's target is from the exact one). --exact_teacher: the run's teacher was the exact denoiser (T = X).
 
     python experiments/lab_sdtt_kl.py --run runs/labeasy/sdtt-s1 --teacher runs/labeasy/teacher/ckpt.pt --K0 128
 The last stdout line is one JSON object.
@@ -35,7 +36,7 @@ from tinydiff.diffusion import forward_mask, get_schedule, masked_log_probs, sam
 from tinydiff.lab import OracleDenoiser, lab_of  # noqa: E402
 from tinydiff.sdtt import sdtt_targets  # noqa: E402
 
-NAMES = ("s0_t", "s_t", "floor_t", "s_x", "floor_x", "x_t")
+NAMES = ("s0_t", "s_t", "floor_t", "s_x", "floor_x", "x_t", "s0_g", "s_g")
 
 
 def kl(lp, lq):
@@ -92,7 +93,8 @@ def main():
                 vals = {"s0_t": mean(lambda y: kl(S0, y), T), "s_t": mean(lambda y: kl(S, y), T),
                         "floor_t": mean(lambda y: kl(gT, y), T), "s_x": mean(lambda y: kl(S, y), X),
                         "floor_x": mean(lambda y: kl(gX, y), X),
-                        "x_t": torch.stack([kl(xx, tt) for xx, tt in zip(X, T)]).mean(0)}
+                        "x_t": torch.stack([kl(xx, tt) for xx, tt in zip(X, T)]).mean(0),
+                        "s0_g": kl(S0, gT), "s_g": kl(S, gT)}  # = KL(. || T) - floor: the distance to the optimum
                 n = m.sum(1).clamp_min(1)  # (B,)
                 for k, v in vals.items():
                     acc[k].append(torch.where(m, v, 0.0).sum(1) / n)  # (B,) mean over the window's masked positions
@@ -103,7 +105,7 @@ def main():
         out[r] = row
         f = lambda k: f"{row[k]:.4f} ± {row[k + '_se']:.4f}"
         print(f"round {r} (teacher {K} -> student {K // 2} steps): KL(S0||T) {f('s0_t')} -> KL(S||T) {f('s_t')} "
-              f"(floor {f('floor_t')}) | KL(S||X) {f('s_x')} (floor {f('floor_x')}) | KL(X||T) {f('x_t')}", flush=True)
+              f"(floor {f('floor_t')}; to the optimum g: S0 {f('s0_g')}, S {f('s_g')}) | KL(S||X) {f('s_x')} (floor {f('floor_x')}) | KL(X||T) {f('x_t')}", flush=True)
     print(json.dumps({"run": a.run, "teacher": a.teacher, "exact_teacher": a.exact_teacher, "draws": a.draws,
                       "windows": a.windows, "rounds": out}))
 
