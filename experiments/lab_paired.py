@@ -7,7 +7,8 @@ decide which positions are revealed at each step for every checkpoint (the revea
 them), and the same Gumbel noise picks the tokens, so two models' sample i differ only where their
 denoisers differ. Per sample: the true NLL per token (CE), the unigram entropy, and the complete words
 (valid-word fraction, word TV as tinydiff/lab/evaluate.py). CKPT 'oracle:PATH' samples with the lab's exact
-denoiser (PATH gives the lab and the context). Each entry is written once to DIR/NAME@K.json and reused
+denoiser (PATH gives the lab and the context); 'ideal:PATH' with the best one-step student a round of SDTT
+with the exact teacher could reach (IdealStudent below). Each entry is written once to DIR/NAME@K.json and reused
 (teacher rows are computed once for every seed); --pair A:B prints the paired difference B - A of two
 written entries (same K, n, seed and batch size: refused otherwise).
 
@@ -29,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tinydiff.common import load_checkpoint, make_generator, model_from_checkpoint  # noqa: E402
 from tinydiff.data import checkpoint_data  # noqa: E402
-from tinydiff.diffusion import get_schedule  # noqa: E402
+from tinydiff.diffusion import T_END, get_schedule  # noqa: E402
 from tinydiff.evaluate import unigram_entropy  # noqa: E402
 from tinydiff.lab import OracleDenoiser, lab_metrics, lab_of  # noqa: E402
-from tinydiff.sampling import sample  # noqa: E402
+from tinydiff.sampling import diffusion_sample, sample  # noqa: E402
+from tinydiff.sdtt import sdtt_targets  # noqa: E402
 
 
 def se(v):
@@ -40,20 +42,47 @@ def se(v):
     return float(v.std(ddof=1) / math.sqrt(len(v)))
 
 
+class IdealStudent:
+    """The optimum of an SDTT round's loss (kl_bwd, tinydiff/sdtt.py) for the lab's exact teacher, as a denoiser
+    for K-step sampling: at step k (time t_k of the K-step grid) it returns g = softmax(mean over M draws of the
+    exact teacher's two-step targets of step 1/(2K) from the same z_t), the minimiser of E KL(student || target)
+    over one-step outputs. Sampling with it shows what SDTT's target carries beyond the exact one-step denoiser,
+    free of any network error. Called once per step (diffusion_sample with cache=False); its own generator,
+    so the sampler's draws are those of every other entry (paired)."""
+
+    def __init__(self, lab, schedule, K, M, seed):
+        self.oracle, self.mask_id, self.schedule, self.K, self.M = OracleDenoiser(lab), lab.mask_id, schedule, K, M
+        self.ts = torch.linspace(1.0, T_END, K + 1, dtype=torch.float64)  # diffusion_sample's grid
+        self.gen, self.calls = torch.Generator().manual_seed(seed), 0
+
+    def __call__(self, z):
+        t = self.ts[min(self.calls, self.K - 1)].expand(len(z))  # (B,) step's time (greedy pass: the last)
+        self.calls += 1
+        T = [sdtt_targets(self.oracle, z, t, 2, 1.0 / (2 * self.K), self.mask_id, self.schedule, self.gen).double()
+             for _ in range(self.M)]  # M x (B, L, V)
+        return torch.stack(T).mean(0).log_softmax(-1)  # (B, L, V) the geometric mean, normalised
+
+
 def run_entry(name, spec, a):
     path, K = spec.rsplit("@", 1)
-    K, oracle = int(K), path.startswith("oracle:")
-    path = path[len("oracle:"):] if oracle else path
+    kind, _, rest = path.partition(":")
+    K, oracle = int(K), kind if kind in ("oracle", "ideal") else None
+    path = rest if oracle else path
     ckpt = load_checkpoint(path)
     lab = lab_of(checkpoint_data(ckpt))
     assert lab is not None, f"{path} was not trained on the lab"
-    model = OracleDenoiser(lab) if oracle else model_from_checkpoint(ckpt, "cpu")
     L, schedule = ckpt["config"]["seq_len"], get_schedule(ckpt.get("schedule"))
+    model = OracleDenoiser(lab) if oracle == "oracle" else model_from_checkpoint(ckpt, "cpu")
     gen, xs, t0 = make_generator(a.seed, "cpu"), [], time.time()
     with torch.no_grad():
         for start in range(0, a.num_samples, a.batch_size):
             b = min(a.batch_size, a.num_samples - start)
-            xs.append(sample("ancestral", model, (b, L), K, lab.mask_id, gen, L, "cpu", schedule)[0])
+            if oracle == "ideal":  # the same draws as sample("ancestral", ...): one call per step, t known
+                ideal = IdealStudent(lab, schedule, K, a.ideal_draws, a.seed + 1 + start)
+                init = torch.full((b, L), lab.mask_id, dtype=torch.long)
+                xs.append(diffusion_sample(ideal, b, L, K, lab.mask_id, init, schedule, gen, cache=False)[0])
+            else:
+                xs.append(sample("ancestral", model, (b, L), K, lab.mask_id, gen, L, "cpu", schedule)[0])
     x = torch.cat(xs)  # (n, L)
     seconds = time.time() - t0
     nll = (-lab.log_prob(x) / L).tolist()  # (n,) true NLL per token of each sample
@@ -77,12 +106,13 @@ def entropy_H(lab, L, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("entries", nargs="*", help="NAME=CKPT@K (CKPT may be oracle:PATH)")
+    p.add_argument("entries", nargs="*", help="NAME=CKPT@K (CKPT may be oracle:PATH or ideal:PATH)")
     p.add_argument("--dir", required=True, help="where each entry's NAME@K.json is written and reused")
     p.add_argument("--num_samples", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lab_draws", type=int, default=4096, help="windows for H (computed once per DIR)")
+    p.add_argument("--ideal_draws", type=int, default=16, help="M, the target draws of an 'ideal:' entry")
     p.add_argument("--pair", action="append", default=[], help="A:B (entry keys NAME@K): paired B - A")
     a = p.parse_args()
     os.makedirs(a.dir, exist_ok=True)

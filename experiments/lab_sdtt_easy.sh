@@ -106,6 +106,15 @@ probe() {  # why: round 4 of seed 1 again (teacher = its round-3 student, 16 -> 
     done
 }
 
+ideal() {  # why: sampling with the optimum of each round's loss for the exact teacher (no network), against the
+           # exact denoiser at K and at 2K, paired (experiments/lab_paired.py IdealStudent, 16 target draws a step)
+    local a=() p=()
+    for K in 64 32 16 8; do
+        a+=(ideal=ideal:$R/teacher/ckpt.pt@$K); p+=(--pair oracle@$K:ideal@$K)
+    done
+    run labeasy-ideal python experiments/lab_paired.py --dir $E $EV --ideal_draws 16 "${a[@]}" "${p[@]}"
+}
+
 tables() {  # the §e tables from the sample sets above
     run labeasy-tables python experiments/lab_sdtt_table.py --dir $E --seeds $(echo $SEEDS | tr ' ' ',')
 }
@@ -124,4 +133,4 @@ tcs() {  # §f: plain (lambda 0) vs TCS with the exact full conditionals (lambda
     done
 }
 
-for stage in ${@:-pilots teacher curves sdtt kl tables probe tcs}; do $stage; done
+for stage in ${@:-pilots teacher curves sdtt kl ideal tables probe tcs}; do $stage; done
