@@ -3,7 +3,7 @@
 # lab preset `easy` (lab:W=8,min_len=3,max_len=3,p_end=0.03; windows of L = 64 tokens).
 # One job at a time, one thread each (a shared 2-core CPU). From the repository root:
 #     bash experiments/lab_sdtt_easy.sh                  # every stage in order
-#     bash experiments/lab_sdtt_easy.sh teacher curves   # some stages: pilots teacher curves sdtt kl tables probe tcs
+#     bash experiments/lab_sdtt_easy.sh teacher curves   # some stages: pilots teacher curves sdtt kl ideal tables probe tcs
 # Re-runnable: a step whose output exists is skipped. Runs under runs/, logs under logs/ (both git-ignored).
 # SEEDS (default "1 2 3") and N (steps per SDTT round, default 500) may be set in the environment.
 set -euo pipefail
@@ -113,6 +113,9 @@ ideal() {  # why: sampling with the optimum of each round's loss for the exact t
         a+=(ideal=ideal:$R/teacher/ckpt.pt@$K); p+=(--pair oracle@$K:ideal@$K)
     done
     run labeasy-ideal python experiments/lab_paired.py --dir $E $EV --ideal_draws 16 "${a[@]}" "${p[@]}"
+    # the plug-in g of 16 draws is noisy: K = 8 again with 64
+    run labeasy-ideal64 python experiments/lab_paired.py --dir $E $EV --ideal_draws 64 ideal64=ideal:$R/teacher/ckpt.pt@8 \
+        --pair oracle@8:ideal64@8 --pair ideal@8:ideal64@8
 }
 
 tables() {  # the §e tables from the sample sets above
