@@ -31,8 +31,11 @@ lab = Lab(parse_spec(a.spec))
 t0 = time.perf_counter()
 H = lab.entropy(a.L, a.draws, a.seed)
 mean_len = float((lab.word_pi * lab.n_states).sum() - 1)
+x = lab.sample(128, a.L, torch.Generator().manual_seed(a.seed))  # (128, L)
+pi = lab.conditionals(x)  # (128, L, V) p(x_i | x_!=i), the exact TCS target
+h_pi = -(pi * pi.clamp_min(1e-300).log()).sum(-1).mean().item()  # its mean entropy: what TCS adds to the label
 print(f"{lab.params.spec()}\nS {lab.S}, |V| {lab.V}, mean word length {mean_len:.2f}; H(L={a.L}) = {H['H']:.4f} ± "
-      f"{H['H_se']:.4f}, h = {H['h_rate']:.4f}", flush=True)
+      f"{H['H_se']:.4f}, h = {H['h_rate']:.4f}; full conditionals: mean H(x_i | x_!=i) = {h_pi:.4f}", flush=True)
 oracle, rows = OracleDenoiser(lab), []
 for K in map(int, a.steps.split(",")):
     gen = torch.Generator().manual_seed(a.seed)
@@ -43,4 +46,5 @@ for K in map(int, a.steps.split(",")):
     print(f"K {K:4d}: CE {m['ce']:.4f} ± {m['ce_se']:.4f} (CE - H {m['ce'] - H['H']:+.4f}), valid words "
           f"{m['valid_words']:.3f}, word TV {m['word_tv']:.3f}", flush=True)
 print(json.dumps({"spec": lab.params.spec(), "S": lab.S, "V": lab.V, "mean_word_len": mean_len, "L": a.L, **H,
+                  "h_cond": h_pi,
                   "rows": rows, "seconds": time.perf_counter() - t0}))

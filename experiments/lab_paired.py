@@ -92,7 +92,8 @@ def run_entry(name, spec, a):
             "batch_size": a.batch_size, "sample_seconds": seconds, "spec": lab.params.spec(),
             "ce": float(np.mean(nll)), "ce_se": se(nll), "entropy": float(np.mean(ent)), "entropy_se": se(ent),
             "valid_words": m["valid_words"], "valid_words_se": m["valid_words_se"], "word_tv": m["word_tv"],
-            "word_tv_se": m["word_tv_se"], "nll": nll, "ent": ent, "first": lab.text(x[0].tolist())}
+            "word_tv_se": m["word_tv_se"], "ideal_draws": a.ideal_draws if oracle == "ideal" else None,
+            "nll": nll, "ent": ent, "first": lab.text(x[0].tolist())}
 
 
 def entropy_H(lab, L, a):

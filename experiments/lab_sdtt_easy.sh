@@ -134,6 +134,9 @@ tcs() {  # §f: plain (lambda 0) vs TCS with the exact full conditionals (lambda
         once logs/labeasy-tcs-curves-s$s.log labeasy-tcs-curves-s$s python experiments/tcs_curves.py --data_dir $D \
             --seq_len 64 --eval_tokens 65536 --draws 2 --base plain --run plain=$R/tcs-lam0-s$s --run tcs1=$R/tcs-lam1-s$s --frac 0.5
     done
+    # why: the entropy of the exact TCS target here and on §d's instance (the default lab at L = 128)
+    once logs/labeasy-tcs-target.log labeasy-tcs-target python experiments/lab_instance.py $EASY --L 64 --steps 8 --n 64
+    once logs/lab-tcs-target.log lab-tcs-target python experiments/lab_instance.py lab --L 128 --steps 8 --n 64
 }
 
 for stage in ${@:-pilots teacher curves sdtt kl ideal tables probe tcs}; do $stage; done

@@ -1,6 +1,6 @@
 """The tables of docs/lab.md §e from the sample sets experiments/lab_paired.py wrote (DIR/NAME@K.json):
 per round and seed, SDTT (learned teacher), the control and SDTT with the exact teacher at the round's K,
-paired differences, the teacher's CE at 2K, K and 128; entropy and valid words; and the goal check at the
+paired differences, the first (trained) teacher's CE at 2K, K and 128; entropy and valid words; and the goal check at the
 last round (the student at K_R against the control, the share of the teacher's gap K_R -> 128 it closes,
 and its distance to the teacher at 128).
 
@@ -38,7 +38,7 @@ def main():
     T = lambda K: load(a.dir, f"teacher@{K}")
     out = {"H": H, "rows": [], "goal": []}
     print(f"H = {H:.4f}. CE - H (nats/token) ± s.e. over 512 samples; Δ = arm - control, paired per sample.\n")
-    print("| round | K | seed | SDTT | control | Δ SDTT | exact teacher | Δ exact | teacher at 2K | teacher at K | teacher at 128 |")
+    print("| round | K | seed | SDTT | control | Δ SDTT | exact teacher | Δ exact | first teacher at 2K | at K | at 128 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in range(1, a.rounds + 1):
         K = a.K0 // 2 ** r
