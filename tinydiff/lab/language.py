@@ -15,12 +15,12 @@ shift plus one gather / scatter per position (never a dense S x S matrix): B seq
 cost O(B L S), with S = sum of word lengths + W + 1 states. Everything is float64 with per-step
 scaling (Rabiner 1989, section V.A).
 
-Vocabulary (the `labA` tokenizer, LabTokenizer below): ids 0..A-1 the letters LETTERS[:A], A the space,
+Vocabulary (the `labA` tokenizer, LabTokenizer in data.py): ids 0..A-1 the letters LETTERS[:A], A the space,
 A+1 the end-of-text id (the sentence end, decoded as a newline), and V = A+2 the diffusion [MASK].
 Why a dedicated tokenizer: |V| = A + 2 (14 by default) keeps the exact TCS target (L x |V| rescoring)
 and the oracle cheap, the model head tiny, and the end-of-text id that AR sampling and teachers use as
 BOS is a symbol of the language itself, so "eot, then x" is an event of the law: text that starts a
-sentence. The prepared data (prepare_lab below) is ONE stationary chain per split with no extra
+sentence. The prepared data (prepare_lab in data.py) is ONE stationary chain per split with no extra
 separators, so every window the pipeline draws is an exact sample of the stationary law.
 
 The exact quantities (batched torch, CPU, float64):
@@ -34,17 +34,13 @@ The exact quantities (batched torch, CPU, float64):
     OracleAR          tinydiff's AR model interface (KV-cache included) on the exact conditionals
     entropy           H = E[-log p(X_1..L)] / L of L-windows and the entropy rate h, with s.e.
 """
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import DataError
-from ..tokenizers import Tokenizer
 
 LETTERS = "aeiou" + "tkmnslprdgbhfvwyzcjqx"  # the lexicon's letters are LETTERS[:A]: vowels first
 F64 = torch.float64
@@ -83,8 +79,8 @@ class LabParams:
 # Named instances (docs/lab.md): 'lab:NAME' stands for these parameters (the rest default), and items after
 # the name override them ('lab:easy,seed=3'). Checkpoints and data folders record the full spec, never the name.
 PRESETS = {
-    # docs/lab.md §e: 8 words of 3 letters, long sentences; a 0.80M-parameter MDLM gets close to its exact
-    # denoiser in 30 CPU-minutes at L = 64, while K-step sampling still costs the exact denoiser ~0.5 nats/token at K = 8
+    # docs/lab.md §e: 8 words of 3 letters, long sentences; a 0.80M-parameter MDLM gets close to the exact
+    # denoiser in 30 CPU-minutes at L = 64, while 8-step sampling still costs the exact denoiser ~0.5 nats/token
     "easy": dict(W=8, min_len=3, max_len=3, p_end=0.03),
 }
 
@@ -98,12 +94,12 @@ def parse_spec(source):
     kw = {}
     for item in filter(None, str(source)[4:].split(",")):
         key, eq, value = item.partition("=")
-        if not eq and key in PRESETS:
+        if not eq:  # a bare name: a preset, whose items later ones override
+            if key not in PRESETS:
+                raise ValueError(f"unknown lab preset {key!r} in {source!r}: choose from {', '.join(PRESETS)} "
+                                 f"(or give parameters as key=value)")
             kw.update(PRESETS[key])
             continue
-        if not eq:
-            raise ValueError(f"unknown lab preset {key!r} in {source!r}: choose from {', '.join(PRESETS)} "
-                             f"(or give parameters as key=value)")
         if key not in types:
             raise ValueError(f"unknown lab parameter {key!r} in {source!r}: choose from {', '.join(types)}")
         try:
@@ -427,45 +423,3 @@ def oracle_targets(lab, x):
     and no tail draw (tau_i = pi_i exactly). fp32 log-probs on x's device."""
     logp = lab.conditionals(x).log().float()  # (B, L, V), computed in float64 on the CPU
     return torch.arange(lab.V, device=x.device).expand(*x.shape, lab.V), logp.to(x.device)
-
-
-class LabTokenizer(Tokenizer):
-    """The exact lab's symbols (this file): 'labA' = the letters LETTERS[:A] (ids 0..A-1), the space
-    (A) and the sentence end (A+1, the eot id, shown as a newline)."""
-
-    def __init__(self, A):
-        self.name, self.vocab_size, self.eot_id, self.chars = f"lab{A}", A + 2, A + 1, LETTERS[:A] + " "
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text):
-        return [self.ids.get(c, self.eot_id) for c in text]  # anything else (newlines) ends a sentence
-
-    def _bytes(self, ids):
-        return "".join(self.chars[i] for i in ids).encode()
-
-
-def prepare_lab(source, tok, root):
-    """The exact lab: train.bin / val.bin are each one stationary chain of the lab's law (no eot added:
-    the eot id is the language's own sentence end), so every window of them is an exact sample."""
-    from ..data import _folder, _is_prepared, _meta, commit_files, default_tokenizer  # (data.py imports this lazily)
-    params = parse_spec(source)
-    if tok.name != default_tokenizer(source):
-        raise DataError(f"the lab is written in its own tokenizer {default_tokenizer(source)}, not {tok.name}: "
-                        f"drop --tokenizer (or pass --tokenizer {default_tokenizer(source)})")
-    spec = params.spec()  # the law and the split sizes: the data are a deterministic function of it
-    tok_meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
-    meta = _meta(tok_meta, spec, hashlib.sha256(spec.encode()).hexdigest())
-    out = _folder(root, "lab", tok.name, meta)
-    if _is_prepared(out, meta):
-        return out
-    lab = Lab(params)
-    splits = {split: lab.stream(n, np.random.default_rng([params.seed, 2, k])).tobytes()  # own seeds per split
-              for k, (split, n) in enumerate([("train", params.train_tokens), ("val", params.val_tokens)])}
-    meta.update(train_tokens=params.train_tokens, val_tokens=params.val_tokens, n_documents=2, n_train_documents=1,
-                n_val_documents=1, lab=asdict(params), lab_states=lab.S)
-    out.mkdir(parents=True, exist_ok=True)
-    commit_files({out / "train.bin": splits["train"], out / "val.bin": splits["val"],
-                  out / "meta.json": (json.dumps(meta, indent=2) + "\n").encode()})  # meta.json last: commit marker
-    print(f"prepared {out}: the exact lab {spec} ({lab.S} hidden states), {params.train_tokens:,} train / "
-          f"{params.val_tokens:,} val tokens")
-    return out
