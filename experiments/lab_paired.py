@@ -126,6 +126,7 @@ def main():
             with open(f) as fh:
                 r = json.load(fh)
             assert (r["n"], r["seed"], r["batch_size"]) == (a.num_samples, a.seed, a.batch_size), f"{f}: other settings"
+            assert r.get("ideal_draws") in (None, a.ideal_draws), f"{f}: other --ideal_draws (use another NAME)"
         else:
             r = run_entry(name, spec, a)
             with open(f + ".tmp", "w") as fh:
